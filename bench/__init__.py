@@ -1,0 +1,1 @@
+"""genfuse benchmarks (installed as genfuse.bench so that `genfuse bench` can reach them)."""

@@ -1,0 +1,86 @@
+"""Kernel benchmark: every genfuse kernel against the path a user would otherwise take.
+
+    python -m genfuse.bench.kernels [--only attention,linear] [--dtype bf16] [--json out.json]
+    genfuse bench kernels ...          (the same)
+
+Needs a CUDA GPU: without one it says so and exits with status 2 (nothing is timed on CPU;
+the CPU test-suite only checks that every case runs and agrees with its baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+import torch
+
+from . import harness
+
+# One module per kernel family, each with cases(device, dtype, size) -> list[harness.Case].
+FAMILIES = ("attention", "decode_attention", "linear", "norm", "rotary", "swiglu")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def family_cases(family: str, device: str, dtype: torch.dtype, size: str) -> List[harness.Case]:
+    module = importlib.import_module(f"{__package__}.{family}_bench")
+    return module.cases(device, dtype, size)
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="genfuse bench kernels", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(FAMILIES),
+                   help=f"comma-separated kernel families to run (default: all of {', '.join(FAMILIES)})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype (default bf16)")
+    p.add_argument("--json", metavar="PATH", help="also write the results, with device facts, to PATH")
+    p.add_argument("--skip-ceilings", action="store_true",
+                   help="use the workplace's reference ceilings instead of measuring copy and matmul now")
+    return p
+
+
+def main(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace] = None) -> int:
+    if args is None:
+        args = build_parser().parse_args(argv)
+    families = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        print(f"error: unknown kernel families {unknown}; choose from {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: the kernel benchmark needs a CUDA GPU and none is available here "
+              "(torch.cuda.is_available() is False); nothing was timed.", file=sys.stderr)
+        return 2
+
+    dtype = DTYPES[args.dtype]
+    info = harness.device_info()
+    print(f"device: {info.get('torch_device_name')}  torch {info['torch']}  triton {info['triton']}", file=sys.stderr)
+    if args.skip_ceilings:
+        ceilings = dict(harness.REFERENCE_CEILINGS)
+    else:
+        print("measuring ceilings (1 GiB copy, 8192^3 matmul)...", file=sys.stderr)
+        ceilings = harness.measure_ceilings(dtype if dtype != torch.float32 else torch.bfloat16)
+    matmul_key = next(k for k in ceilings if k.endswith("_matmul_TFLOPs"))
+    print("ceilings: " + ", ".join(f"{k}={v:.0f}" for k, v in ceilings.items()), file=sys.stderr)
+
+    results = []
+    for family in families:
+        cases = family_cases(family, "cuda", dtype, "full")
+        for i, case in enumerate(cases, 1):
+            print(f"[{family} {i}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+            try:
+                results.append(harness.run_case(case, ceilings, matmul_key))
+            except torch.cuda.OutOfMemoryError as exc:
+                print(f"  skipped: out of memory ({exc})", file=sys.stderr)
+            torch.cuda.empty_cache()
+    print(harness.format_table(results))
+    if args.json:
+        harness.write_json(args.json, {"device": info, "dtype": args.dtype, "ceilings": ceilings,
+                                       "reference_ceilings": harness.REFERENCE_CEILINGS,
+                                       "results": results})
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+// genfuse._C: host-side hot paths of the runtime (pybind11, C++17, no torch).
+// For now it exposes its version and build facts; the KV-cache block manager lands here next.
+#include <pybind11/pybind11.h>
+
+#ifndef GENFUSE_VERSION
+#define GENFUSE_VERSION "unknown"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "genfuse C++ extension: host-side hot paths of the runtime";
+    m.def("version", []() { return std::string(GENFUSE_VERSION); },
+          "The genfuse version this extension was built for.");
+    m.def("build_info", []() {
+        py::dict d;
+        d["cxx_standard"] = __cplusplus;
+#if defined(__clang__)
+        d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+        d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+        d["compiler"] = std::string("unknown");
+#endif
+        return d;
+    }, "Compiler and language standard the extension was built with.");
+}

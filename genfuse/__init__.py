@@ -1,0 +1,10 @@
+"""genfuse: a custom-kernel inference runtime for generative models.
+
+The public facade: ``genfuse.kernels`` holds the Triton kernels (each with its torch
+reference); the runtime (models, KV cache, engine) lands in ``genfuse.runtime``.
+"""
+__version__ = "0.1.0"
+
+from genfuse import kernels  # noqa: E402  (re-exported: genfuse.kernels.attention, ...)
+
+__all__ = ["__version__", "kernels"]

@@ -1,0 +1,5 @@
+import sys
+
+from genfuse.cli import main
+
+sys.exit(main())

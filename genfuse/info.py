@@ -1,0 +1,66 @@
+"""What `genfuse info` reports: versions, the backend in use, and the GPU (through NVML)."""
+from __future__ import annotations
+
+import platform
+from typing import Any, Dict
+
+import torch
+
+
+def collect() -> Dict[str, Any]:
+    import numpy
+    import triton
+
+    import genfuse
+    from genfuse.bench.harness import nvml_info
+    from genfuse.kernels import _common
+
+    facts: Dict[str, Any] = {
+        "genfuse": genfuse.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "numpy": numpy.__version__,
+    }
+    try:
+        from genfuse import _C
+
+        facts["extension"] = {"version": _C.version(), **_C.build_info()}
+    except ImportError as exc:
+        facts["extension"] = {"error": f"genfuse._C is not built: {exc}"}
+
+    if torch.cuda.is_available():
+        facts["backend"] = "triton (compiled for CUDA)"
+        facts["cuda_device"] = torch.cuda.get_device_name()
+        facts["cuda_runtime"] = torch.version.cuda
+    elif _common.INTERPRET:
+        facts["backend"] = "triton interpreter on CPU (TRITON_INTERPRET=1)"
+    else:
+        facts["backend"] = ("torch reference ops on CPU (no CUDA device; "
+                            "TRITON_INTERPRET=1 runs the Triton kernels through the interpreter)")
+    facts["gpu"] = nvml_info()
+    return facts
+
+
+def format_text(facts: Dict[str, Any]) -> str:
+    ext = facts["extension"]
+    ext_line = (f"genfuse._C {ext['version']} ({ext['compiler']}, C++ {ext['cxx_standard']})"
+                if "version" in ext else ext["error"])
+    gpu = facts["gpu"]
+    if "error" in gpu:
+        gpu_line = f"none ({gpu['error']})"
+    else:
+        gpu_line = (f"{gpu['name']}, {gpu['memory_total_GiB']} GiB, SM {gpu['sm_clock_MHz']}/"
+                    f"{gpu['sm_clock_max_MHz']} MHz, {gpu['power_W']:.0f}/{gpu['power_limit_W']:.0f} W, "
+                    f"driver {gpu['driver']}")
+    return "\n".join([
+        f"genfuse   {facts['genfuse']}",
+        f"extension {ext_line}",
+        f"python    {facts['python']} ({facts['platform']})",
+        f"torch     {facts['torch']}",
+        f"triton    {facts['triton']}",
+        f"numpy     {facts['numpy']}",
+        f"backend   {facts['backend']}",
+        f"gpu       {gpu_line}",
+    ])
