@@ -1,15 +1,19 @@
 """Build hook for the pybind11 extension genfuse._C (everything else is in pyproject.toml)."""
+import tomllib
 from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+with open("pyproject.toml", "rb") as f:
+    VERSION = tomllib.load(f)["project"]["version"]
 
 ext_modules = [
     Pybind11Extension(
         "genfuse._C",
         sorted(glob("csrc/*.cpp")),
         cxx_std=17,
-        define_macros=[("GENFUSE_VERSION", '"0.1.0"')],
+        define_macros=[("GENFUSE_VERSION", f'"{VERSION}"')],
     )
 ]
 
