@@ -63,21 +63,25 @@ def main(argv: Optional[List[str]] = None, args: Optional[argparse.Namespace] = 
     matmul_key = next(k for k in ceilings if k.endswith("_matmul_TFLOPs"))
     print("ceilings: " + ", ".join(f"{k}={v:.0f}" for k, v in ceilings.items()), file=sys.stderr)
 
-    results = []
+    results, skipped = [], []
     for family in families:
         cases = family_cases(family, "cuda", dtype, "full")
-        for i, case in enumerate(cases, 1):
-            print(f"[{family} {i}/{len(cases)}] {case.name}", file=sys.stderr, flush=True)
+        total = len(cases)
+        for i in range(1, total + 1):
+            case = cases.pop(0)  # drop each case's inputs once timed: peak memory is one family
+            print(f"[{family} {i}/{total}] {case.name}", file=sys.stderr, flush=True)
             try:
                 results.append(harness.run_case(case, ceilings, matmul_key))
             except torch.cuda.OutOfMemoryError as exc:
                 print(f"  skipped: out of memory ({exc})", file=sys.stderr)
+                skipped.append({"kernel": family, "case": case.name, "reason": "out of memory"})
+            del case
             torch.cuda.empty_cache()
     print(harness.format_table(results))
     if args.json:
         harness.write_json(args.json, {"device": info, "dtype": args.dtype, "ceilings": ceilings,
                                        "reference_ceilings": harness.REFERENCE_CEILINGS,
-                                       "results": results})
+                                       "results": results, "skipped": skipped})
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -1,7 +1,12 @@
 """genfuse.kernels: hand-written Triton kernels, each with its torch reference.
 
-Every public op takes ``backend=None | "triton" | "torch"`` (see ``_common.resolve_backend``).
+Every public op takes ``backend=None | "triton" | "torch"`` (see ``_common.resolve_backend``);
+``<op>_reference`` is the torch op with the same signature that tests compare against.
 """
 from ._common import poison_outputs
+from .decode_attention import num_splits_heuristic, paged_attention, paged_attention_reference
 
-__all__ = ["poison_outputs"]
+__all__ = [
+    "poison_outputs",
+    "paged_attention", "paged_attention_reference", "num_splits_heuristic",
+]
