@@ -5,10 +5,16 @@ Every public op takes ``backend=None | "triton" | "torch"`` (see ``_common.resol
 """
 from ._common import poison_outputs
 from .linear import ACTIVATIONS, linear, linear_reference
+from .norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from .rotary import rope_cos_sin, rotary_embedding, rotary_embedding_reference
+from .swiglu import swiglu, swiglu_reference
 from .decode_attention import num_splits_heuristic, paged_attention, paged_attention_reference
 
 __all__ = [
     "poison_outputs",
     "linear", "linear_reference", "ACTIVATIONS",
+    "rms_norm", "rms_norm_reference", "layer_norm", "layer_norm_reference",
+    "rotary_embedding", "rotary_embedding_reference", "rope_cos_sin",
+    "swiglu", "swiglu_reference",
     "paged_attention", "paged_attention_reference", "num_splits_heuristic",
 ]
