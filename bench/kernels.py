@@ -18,7 +18,7 @@ import torch
 from . import harness
 
 # One module per kernel family, each with cases(device, dtype, size) -> list[harness.Case].
-FAMILIES = ("attention", "decode_attention", "linear", "norm", "rotary", "swiglu")
+FAMILIES = ("attention", "decode_attention", "linear", "norm", "rotary", "swiglu", "group_norm")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

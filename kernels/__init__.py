@@ -8,6 +8,7 @@ from .linear import ACTIVATIONS, linear, linear_reference
 from .norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rope_cos_sin, rotary_embedding, rotary_embedding_reference
 from .swiglu import swiglu, swiglu_reference
+from .group_norm import group_norm, group_norm_reference
 from .decode_attention import num_splits_heuristic, paged_attention, paged_attention_reference
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "rms_norm", "rms_norm_reference", "layer_norm", "layer_norm_reference",
     "rotary_embedding", "rotary_embedding_reference", "rope_cos_sin",
     "swiglu", "swiglu_reference",
+    "group_norm", "group_norm_reference",
     "paged_attention", "paged_attention_reference", "num_splits_heuristic",
 ]
