@@ -150,19 +150,38 @@ def _configs():
         (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 64, 32, 4, 5),
         (128, 32, 64, 4, 4), (128, 16, 64, 4, 4), (128, 64, 16, 4, 4), (64, 32, 16, 4, 4),
+        (64, 16, 16, 2, 3),  # tiny problems (unit-test shapes, a handful of channels)
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "GROUP_M": 8},
                                   num_warps=warps, num_stages=stages))
     return cfgs
 
 
+# Hopper has 227 KB of shared memory per block; leave room for the epilogue's scratch.
+_SMEM_BUDGET = 200 * 1024
+
+
+def _prune_tiles(configs, m: int, n: int, c: int, elsize: int):
+    """Shared by conv2d and conv_transpose2d: drop tiles far larger than the problem (a
+    128-wide channel tile on a 3-channel conv only multiplies zeros; a 256-row tile on 64
+    pixels idles) and pipelines whose stages cannot fit in shared memory (fp32 at 128x256).
+    Always keeps at least the smallest config."""
+    m_limit = max(64, _common.next_power_of_2(m))
+    n_limit = max(16, _common.next_power_of_2(n))
+    c_limit = max(16, _common.next_power_of_2(c))
+    kept = []
+    for cfg in configs:
+        bm, bn, bc = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_C"]
+        smem = cfg.num_stages * (bm * bc + bc * bn) * elsize
+        if bm <= m_limit and bn <= n_limit and bc <= c_limit and smem <= _SMEM_BUDGET:
+            kept.append(cfg)
+    return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
+                        * cfg.kwargs["BLOCK_C"])]
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem: a 128-wide channel tile on a 3-channel conv
-    only multiplies zeros. Always keep at least the smallest survivors."""
-    n_limit = max(16, _common.next_power_of_2(named_args["K"]))
-    c_limit = max(16, _common.next_power_of_2(named_args["C"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_limit and c.kwargs["BLOCK_C"] <= c_limit]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_C"])]
+    a = named_args
+    return _prune_tiles(configs, a["N"] * a["Ho"] * a["Wo"], a["K"], a["C"], a["x_ptr"].element_size())
 
 
 # Tuned per exact problem (batch, spatial size, channels, kernel, stride, upsample): a

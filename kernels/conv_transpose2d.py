@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from .conv2d import IntPair, _activation, _activation_reference, _check_activation, _out_like, _pair
+from .conv2d import (IntPair, _activation, _activation_reference, _check_activation, _out_like, _pair,
+                     _prune_tiles)
 from .conv2d import fold_batchnorm  # noqa: F401  (re-export; see the module docstring)
 
 
@@ -155,6 +156,7 @@ def _configs():
         (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 32, 4, 5), (128, 64, 32, 4, 4),
         (128, 32, 64, 4, 4), (128, 16, 64, 4, 4), (64, 32, 32, 4, 4), (64, 16, 32, 4, 4),
+        (64, 16, 16, 2, 3),  # tiny problems (unit-test shapes, a handful of channels)
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "GROUP_M": 8},
                                   num_warps=warps, num_stages=stages))
@@ -162,11 +164,10 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop channel tiles far wider than the problem (C_out=3 needs no 128-wide tile)."""
-    n_limit = max(16, _common.next_power_of_2(named_args["CO"]))
-    c_limit = max(16, _common.next_power_of_2(named_args["CI"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_limit and c.kwargs["BLOCK_C"] <= c_limit]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_C"])]
+    """conv2d's rule on one phase's GEMM (pixels x C_out x C_in)."""
+    a = {**named_args, **kwargs}  # the constexpr strides arrive as keyword arguments
+    m = a["N"] * triton.cdiv(a["Ho"], a["STRIDE_H"]) * triton.cdiv(a["Wo"], a["STRIDE_W"])
+    return _prune_tiles(configs, m, a["CO"], a["CI"], a["x_ptr"].element_size())
 
 
 # Tuned per exact layer shape: a generator has a handful of distinct layers, each tuned once.
