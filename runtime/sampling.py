@@ -1,0 +1,276 @@
+"""Sampling parameters and the sampler.
+
+`sample(logits, params, generator, prev_tokens)` picks one token per row of ``logits`` (B, V)
+entirely on the logits' device, with no host synchronization (no ``.item()``, ``.tolist()``,
+``torch.multinomial``, nor a Python branch on a tensor value), so a decode loop can run it
+inside a CUDA graph or ahead of the host. The pipeline, per row, in Hugging Face's order:
+
+    repetition penalty (HF semantics) -> temperature -> top-k -> top-p -> min-p -> draw
+
+A row with ``temperature == 0`` is greedy: the argmax of the penalized logits, no filtering.
+The draw is the exponential race: ``argmax(probs / E)`` with ``E ~ Exponential(1)`` i.i.d. per
+token picks token i with probability probs[i] (the minimum of exponentials with rates p_i is
+attained at i with probability p_i / sum p), and a filtered-out token has probability exactly 0
+so it can never win. Noise comes from the given ``torch.Generator``(s), so a seed reproduces
+the draw on the same device.
+
+Batching: ``params`` is either one `SamplingParams` for every row or a sequence with one per
+row (a continuously batched engine mixes requests); per-row values travel to the device as
+small tensors. ``generator`` is likewise one generator for the batch or one per row.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate: length, randomness, filters, penalties and stop conditions.
+
+    - ``max_tokens``: the most tokens to generate (>= 1).
+    - ``temperature``: 0 is greedy; > 0 divides the logits.
+    - ``top_k``: keep the k most likely tokens (ties with the k-th kept); 0 = off.
+    - ``top_p``: keep the smallest most-likely set whose probability reaches top_p, in (0, 1];
+      1 = off.
+    - ``min_p``: drop tokens less likely than min_p x the top token's probability, in [0, 1];
+      0 = off.
+    - ``repetition_penalty``: > 0; 1 = off. Tokens already seen (prompt and output) have
+      their logit divided by it when positive, multiplied when negative (HF / CTRL).
+    - ``seed``: seeds this request's generator (`make_generator`); None = unseeded.
+    - ``stop``: strings that end generation (not included in the output); str or list of str.
+    - ``stop_token_ids``: token ids that end generation, besides the model's EOS ids.
+    - ``ignore_eos``: keep generating past EOS (benchmarks).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+    stop_token_ids: tuple[int, ...] = field(default=())
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        t = _real("temperature", self.temperature)
+        if t < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        p = _real("top_p", self.top_p)
+        if not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p}")
+        mp = _real("min_p", self.min_p)
+        if not 0 <= mp <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {mp}")
+        rp = _real("repetition_penalty", self.repetition_penalty)
+        if rp <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {rp}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, (list, tuple)):
+            stop = tuple(stop)
+        else:
+            raise ValueError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        ids = self.stop_token_ids
+        if ids is None:
+            ids = ()
+        elif not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of int, got {type(ids).__name__}")
+        for i in ids:
+            if not _is_int(i) or i < 0:
+                raise ValueError(f"stop_token_ids must be ints >= 0, got {i!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
+        """A generator for this request on ``device``, seeded with ``seed``; None when unseeded
+        (then the sampler draws from torch's default generator)."""
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(name: str, v) -> float:
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+# --------------------------------------------------------------------------- the sampler
+
+
+def apply_repetition_penalty(logits: torch.Tensor, prev_tokens: torch.Tensor,
+                             penalty: float | torch.Tensor) -> torch.Tensor:
+    """HF's `RepetitionPenaltyLogitsProcessor`: for every token id in ``prev_tokens`` (B, L),
+    logit / penalty where the logit is > 0, logit * penalty where it is <= 0. Negative ids
+    are padding and ignored. ``penalty`` is a float or a (B,) tensor. Returns a new tensor."""
+    B, V = logits.shape
+    valid = prev_tokens >= 0
+    idx = prev_tokens.clamp(min=0)
+    seen = torch.zeros(B, V, dtype=torch.int32, device=logits.device)
+    seen.scatter_add_(1, idx, valid.to(torch.int32))  # add, not write: padding must not unmark id 0
+    if isinstance(penalty, torch.Tensor):
+        penalty = penalty.to(logits.dtype).view(B, 1)
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen > 0, penalized, logits)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
+           generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+           prev_tokens: torch.Tensor | Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """One token id per row: ``logits`` (B, V) or (V,) -> int64 (B,) (or a 0-d tensor).
+
+    ``prev_tokens``: the ids the repetition penalty applies to, (B, L) int64 with negative
+    padding, or a list of id lists (copied to the device; for a hot loop keep a tensor).
+    """
+    squeeze = logits.dim() == 1
+    if squeeze:
+        logits = logits.unsqueeze(0)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (V,) or (B, V), got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    dev = logits.device
+    rows = [params] * B if isinstance(params, SamplingParams) else list(params)
+    if len(rows) != B:
+        raise ValueError(f"got {len(rows)} SamplingParams for {B} rows of logits")
+    uniform = all(r == rows[0] for r in rows)
+
+    def per_row(attr: str, dtype=torch.float32):
+        # one Python scalar when every row agrees (no tensor at all), else a (B, 1) tensor
+        if uniform:
+            return getattr(rows[0], attr)
+        return torch.tensor([getattr(r, attr) for r in rows], dtype=dtype, device=dev).view(B, 1)
+
+    x = logits.float()
+    if any(r.repetition_penalty != 1.0 for r in rows) and prev_tokens is not None:
+        prev = _prev_tensor(prev_tokens, B, dev)
+        pen = per_row("repetition_penalty")
+        x = apply_repetition_penalty(x, prev, pen.view(B) if isinstance(pen, torch.Tensor) else pen)
+
+    greedy_rows = [r.temperature == 0 for r in rows]
+    greedy = x.argmax(dim=-1)  # of the penalized logits, before temperature and filters
+    if all(greedy_rows):
+        return greedy[0] if squeeze else greedy
+
+    temp = per_row("temperature")
+    if isinstance(temp, torch.Tensor):
+        x = x / torch.where(temp == 0, torch.ones_like(temp), temp)
+    else:
+        x = x / temp
+
+    if any(r.top_k > 0 for r in rows):
+        x = _top_k(x, per_row("top_k", torch.int64), V)
+    if any(r.top_p < 1.0 for r in rows):
+        x = _top_p(x, per_row("top_p"))
+    if any(r.min_p > 0.0 for r in rows):
+        x = _min_p(x, per_row("min_p"))
+
+    probs = torch.softmax(x, dim=-1)
+    noise = _exponential(probs, generator, B)
+    out = (probs / noise).argmax(dim=-1)
+    if any(greedy_rows):
+        out = torch.where(torch.tensor(greedy_rows, device=dev), greedy, out)
+    return out[0] if squeeze else out
+
+
+def _prev_tensor(prev_tokens, B: int, dev) -> torch.Tensor:
+    if isinstance(prev_tokens, torch.Tensor):
+        prev = prev_tokens.to(device=dev, dtype=torch.int64)
+        if prev.dim() == 1:
+            prev = prev.unsqueeze(0).expand(B, -1)
+        if prev.dim() != 2 or prev.shape[0] != B:
+            raise ValueError(f"prev_tokens must be (B={B}, L), got shape {tuple(prev_tokens.shape)}")
+        return prev
+    seqs = [list(s) for s in prev_tokens]
+    if len(seqs) != B:
+        raise ValueError(f"prev_tokens has {len(seqs)} rows for {B} rows of logits")
+    L = max((len(s) for s in seqs), default=0)
+    padded = [s + [-1] * (L - len(s)) for s in seqs]
+    return torch.tensor(padded, dtype=torch.int64, device=dev).view(B, L)
+
+
+def _top_k(x: torch.Tensor, k, V: int) -> torch.Tensor:
+    """Keep logits >= the k-th largest (HF's rule: ties with the k-th survive); k = 0 keeps all."""
+    if isinstance(k, torch.Tensor):
+        k = torch.where(k <= 0, torch.full_like(k, V), k.clamp(max=V))  # (B, 1)
+        kmax = V
+    else:
+        k = min(k, V) if k > 0 else V
+        kmax = k
+    top = torch.topk(x, kmax, dim=-1).values  # (B, kmax) sorted descending
+    if isinstance(k, torch.Tensor):
+        kth = top.gather(1, k - 1)  # (B, 1)
+    else:
+        kth = top[:, k - 1:k]
+    return x.masked_fill(x < kth, float("-inf"))
+
+
+def _top_p(x: torch.Tensor, p) -> torch.Tensor:
+    """Keep the most likely tokens until their mass reaches p (the token that crosses it is
+    kept; so is the top token). Same set as HF's TopPLogitsWarper: it drops the tokens whose
+    ascending cumulative mass is <= 1 - p, i.e. those with >= p of mass strictly above them."""
+    if not isinstance(p, torch.Tensor) and p >= 1.0:
+        return x
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    probs = torch.softmax(sorted_x, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # (B, V) mass of the strictly better tokens
+    drop_sorted = mass_before >= p
+    drop_sorted[:, 0] = False
+    if isinstance(p, torch.Tensor):
+        drop_sorted &= p < 1.0  # rows with p == 1 are off (cumsum rounding could reach 1.0 early)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return x.masked_fill(drop, float("-inf"))
+
+
+def _min_p(x: torch.Tensor, min_p) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p x the top token's."""
+    probs = torch.softmax(x, dim=-1)
+    top = probs.max(dim=-1, keepdim=True).values
+    return x.masked_fill(probs < min_p * top, float("-inf"))
+
+
+def _exponential(probs: torch.Tensor, generator, B: int) -> torch.Tensor:
+    """Exponential(1) noise shaped like ``probs``, from one generator or one per row, clamped
+    away from 0 so that 0 / noise is never NaN (argmax would pick a NaN)."""
+    noise = torch.empty_like(probs)
+    if generator is None or isinstance(generator, torch.Generator):
+        noise.exponential_(generator=generator)
+    else:
+        gens = list(generator)
+        if len(gens) != B:
+            raise ValueError(f"got {len(gens)} generators for {B} rows")
+        for i, g in enumerate(gens):
+            noise[i].exponential_(generator=g)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)

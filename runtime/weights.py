@@ -1,0 +1,354 @@
+"""Weight loaders: a Hugging Face folder's safetensors, or a .gguf file, into one state dict.
+
+Canonical naming (what the model code reads, whatever the source):
+
+    llama family (Llama, SmolLM2, Mistral, Qwen2), Hugging Face's LlamaForCausalLM names:
+        model.embed_tokens.weight                               (vocab, hidden)
+        model.layers.{i}.input_layernorm.weight                 (hidden,)
+        model.layers.{i}.self_attn.{q,k,v}_proj.weight          (heads*hd | kv_heads*hd, hidden)
+        model.layers.{i}.self_attn.{q,k,v}_proj.bias            only with config.attention_bias
+        model.layers.{i}.self_attn.o_proj.weight  [.bias]       (hidden, heads*hd)
+        model.layers.{i}.post_attention_layernorm.weight        (hidden,)
+        model.layers.{i}.mlp.{gate,up}_proj.weight  [.bias]     (intermediate, hidden)
+        model.layers.{i}.mlp.down_proj.weight  [.bias]          (hidden, intermediate)
+        model.norm.weight                                       (hidden,)
+        lm_head.weight                                          only when not tied
+        model.rope_freqs                                        only with rope_type "freq_factors"
+    gpt2, Hugging Face's GPT2LMHeadModel names, every matrix in nn.Linear (out, in) layout
+    (GPT-2's Conv1D stores (in, out): safetensors weights are transposed here):
+        transformer.wte.weight (vocab, hidden), transformer.wpe.weight (positions, hidden)
+        transformer.h.{i}.ln_1.{weight,bias}, transformer.h.{i}.ln_2.{weight,bias}
+        transformer.h.{i}.attn.c_attn.weight (3*hidden, hidden) + .bias   (q, k, v stacked)
+        transformer.h.{i}.attn.c_proj.weight (hidden, hidden) + .bias
+        transformer.h.{i}.mlp.c_fc.weight (intermediate, hidden) + .bias
+        transformer.h.{i}.mlp.c_proj.weight (hidden, intermediate) + .bias
+        transformer.ln_f.{weight,bias}
+        lm_head.weight                                          only when not tied
+
+Tied models carry no lm_head.weight (a checkpoint's copy is dropped): the model ties it to the
+embedding. The loaded dict is checked against `expected_shapes(config)`: a missing, unexpected
+or misshapen tensor raises ValueError naming the file.
+
+Safetensors are opened with `safetensors.safe_open` (memory-mapped, one tensor at a time, no
+pickle). GGUF tensors come from `gguf.GGUFReader` (memory-mapped) and are dequantized with
+`gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_1) to float32. llama.cpp stores the
+q/k projections of arch "llama" files with each head's rows interleaved for its rotary layout;
+that permutation is undone here exactly as transformers' GGUF loader does. Pickle checkpoints
+(`*.bin`, `*.pt`) are refused, never `torch.load`-ed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, load_config
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# --------------------------------------------------------------------------- expected layout
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor name the model needs, with its shape."""
+    c = config
+    h, inter = c.hidden_size, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if c.arch == "llama":
+        shapes["model.embed_tokens.weight"] = (c.vocab_size, h)
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (h,)
+            shapes[p + "post_attention_layernorm.weight"] = (h,)
+            for proj, rows in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size)):
+                shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
+                if c.attention_bias:
+                    shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+            shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
+            if c.attention_out_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
+            for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
+                shapes[p + f"mlp.{proj}_proj.weight"] = shape
+                if c.mlp_bias:
+                    shapes[p + f"mlp.{proj}_proj.bias"] = shape[:1]
+        shapes["model.norm.weight"] = (h,)
+        if c.rope_scaling is not None and c.rope_scaling["rope_type"] == "freq_factors":
+            shapes["model.rope_freqs"] = (c.head_dim // 2,)
+    else:
+        shapes["transformer.wte.weight"] = (c.vocab_size, h)
+        shapes["transformer.wpe.weight"] = (c.max_position_embeddings, h)
+        for i in range(c.num_layers):
+            p = f"transformer.h.{i}."
+            for ln in ("ln_1", "ln_2"):
+                shapes[p + f"{ln}.weight"] = (h,)
+                shapes[p + f"{ln}.bias"] = (h,)
+            for name, shape in (("attn.c_attn", (3 * h, h)), ("attn.c_proj", (h, h)),
+                                ("mlp.c_fc", (inter, h)), ("mlp.c_proj", (h, inter))):
+                shapes[p + f"{name}.weight"] = shape
+                shapes[p + f"{name}.bias"] = shape[:1]
+        shapes["transformer.ln_f.weight"] = (h,)
+        shapes["transformer.ln_f.bias"] = (h,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    return shapes
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """ValueError naming ``source`` unless the names and shapes are exactly the expected ones."""
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(want))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise ValueError(f"{source}: tensors do not match the {config.model_type or config.arch} config: "
+                         + "; ".join(parts))
+    for name, shape in want.items():
+        got = tuple(state_dict[name].shape)
+        if got != shape:
+            raise ValueError(f"{source}: {name} has shape {got}, the config implies {shape}")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_weights(path: str | os.PathLike, config: ModelConfig | None = None, *,
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The canonical state dict of a model folder (safetensors) or a .gguf file.
+
+    ``dtype=None`` keeps a safetensors file's own dtype and gives float32 for GGUF (quantized
+    blocks dequantize to float32; F16/BF16 convert exactly). ``config`` defaults to
+    `load_config(path)`.
+    """
+    p = Path(path)
+    if config is None:
+        config = load_config(p)
+    if p.is_dir():
+        sd = _load_folder(p, config, dtype, device)
+        source = str(p)
+    elif p.suffix == ".gguf" and p.is_file():
+        sd = _load_gguf(p, config, dtype, device)
+        source = str(p)
+    else:
+        raise ValueError(f"{p}: not a model folder or a .gguf file")
+    check_state_dict(sd, config, source)
+    return sd
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The folder's weight files: those the index names, else `model.safetensors`, else all
+    `*.safetensors`. Pickle-only folders are refused with a ValueError naming the file."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: malformed safetensors index ({type(e).__name__}: {e})") from e
+        paths = [folder / f for f in files]
+        for f in paths:
+            if not f.is_file():
+                raise ValueError(f"{index}: names shard {f.name}, which is not in {folder}")
+        return paths
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder / pickles[0]}: pickle checkpoints are not loaded (unpickling runs code); "
+                         "convert the model to safetensors")
+    raise ValueError(f"{folder}: no *.safetensors weights in the model folder")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(name, tensor, file) for every tensor, read one at a time from the memory map."""
+    from safetensors import safe_open
+
+    seen: dict[str, Path] = {}
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+        except Exception as e:  # SafetensorError, OSError: truncated, random bytes, bad header
+            raise ValueError(f"{f}: malformed safetensors file ({type(e).__name__}: {e})") from e
+        with handle:
+            for name in handle.keys():
+                if name in seen:
+                    raise ValueError(f"{f}: tensor {name} also appears in {seen[name]}")
+                seen[name] = f
+                try:
+                    t = handle.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{f}: cannot read tensor {name} ({type(e).__name__}: {e})") from e
+                yield name, t, f
+
+
+_GPT2_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+_GPT2_CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_LLAMA_TOP = ("layers.", "embed_tokens.", "norm.")
+
+
+def _canonical_hf_name(name: str, config: ModelConfig) -> str | None:
+    """A checkpoint key -> its canonical name, or None for a key to drop (buffers, tied heads)."""
+    if config.arch == "llama":
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        if name.startswith(_LLAMA_TOP):  # saved from the bare LlamaModel
+            name = "model." + name
+    else:
+        if _GPT2_BUFFER.match(name):  # the causal-mask buffers older checkpoints carry
+            return None
+        if not name.startswith(("transformer.", "lm_head.")):  # saved from the bare GPT2Model
+            name = "transformer." + name
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return None
+    return name
+
+
+def _load_folder(folder: Path, config: ModelConfig, dtype, device) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for name, t, f in iter_safetensors(safetensors_files(folder)):
+        canon = _canonical_hf_name(name, config)
+        if canon is None:
+            continue
+        if config.arch == "gpt2" and _GPT2_CONV1D.search(canon):
+            if t.dim() != 2:
+                raise ValueError(f"{f}: {name} should be a 2-D Conv1D weight, has shape {tuple(t.shape)}")
+            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
+        if canon in sd:
+            raise ValueError(f"{f}: {name} maps to {canon}, which another key already gave")
+        sd[canon] = _finish(t, dtype, device)
+    return sd
+
+
+def _finish(t: torch.Tensor, dtype, device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to(device).contiguous()
+
+
+# --------------------------------------------------------------------------- GGUF
+
+_GGUF_LLAMA = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "model.rope_freqs",
+}
+_GGUF_LLAMA_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# llama.cpp writes GPT-2's Conv1D matrices already transposed to (out, in): no transpose here.
+_GGUF_GPT2 = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_GPT2_BLOCK = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def gguf_to_canonical(name: str, config: ModelConfig) -> str | None:
+    """A GGUF tensor name -> its canonical name (None if the family has no such tensor)."""
+    top, block, prefix = ((_GGUF_LLAMA, _GGUF_LLAMA_BLOCK, "model.layers") if config.arch == "llama"
+                          else (_GGUF_GPT2, _GGUF_GPT2_BLOCK, "transformer.h"))
+    if name in top:
+        return top[name]
+    m = _GGUF_BLOCK.match(name)
+    if m and m.group(2) in block:
+        return f"{prefix}.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf `LlamaModel.permute`).
+
+    llama.cpp reorders each head's rows from HF's rotate-half layout (two halves of hd/2) to
+    interleaved pairs: rows (n_heads, 2, hd/2) are written as (n_heads, hd/2, 2). Reading them as
+    (n_heads, hd/2, 2) and swapping the last two row axes restores HF's order. Works on weights
+    (rows, in) and biases (rows,).
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"cannot unpermute {rows} rows over {n_heads} heads")
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_supported_types() -> dict:
+    from gguf import GGMLQuantizationType as T
+
+    return {T.F32: "F32", T.F16: "F16", T.BF16: "BF16", T.Q8_0: "Q8_0", T.Q4_0: "Q4_0", T.Q4_1: "Q4_1"}
+
+
+def dequantize_gguf_tensor(t, source: str) -> np.ndarray:
+    """One `gguf.ReaderTensor` -> a float32 array in numpy (row-major, torch) order."""
+    from gguf.quants import dequantize
+
+    supported = gguf_supported_types()
+    if t.tensor_type not in supported:
+        raise ValueError(f"{source}: tensor {t.name} is {t.tensor_type.name}; genfuse dequantizes "
+                         f"{', '.join(supported.values())}")
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml lists the fastest dim first
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except Exception as e:
+        raise ValueError(f"{source}: cannot dequantize {t.name} ({type(e).__name__}: {e})") from e
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{source}: {t.name} holds {arr.size} values, its shape {shape} needs {int(np.prod(shape))}")
+    # always a private float32 copy: F32 tensors would otherwise be views of the read-only mmap
+    return np.array(arr.reshape(shape), dtype=np.float32, copy=True)
+
+
+def _load_gguf(path: Path, config: ModelConfig, dtype, device) -> dict[str, torch.Tensor]:
+    from .gguf_io import open_gguf
+
+    g = open_gguf(path)
+    # llama.cpp permutes q/k only for arch "llama" (Llama, Mistral, SmolLM2); qwen2 uses the
+    # NeoX rotary layout and is stored as in HF.
+    permuted = g.architecture == "llama"
+    sd: dict[str, torch.Tensor] = {}
+    for t in g.reader.tensors:
+        canon = gguf_to_canonical(t.name, config)
+        if canon is None:
+            raise ValueError(f"{path}: unexpected tensor {t.name} for a {g.architecture} model")
+        if canon == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        w = torch.from_numpy(dequantize_gguf_tensor(t, str(path)))
+        if permuted and ".self_attn.q_proj." in canon:
+            w = unpermute_rotary(w, config.num_heads)
+        elif permuted and ".self_attn.k_proj." in canon:
+            w = unpermute_rotary(w, config.num_kv_heads)
+        sd[canon] = _finish(w, dtype, device)
+    return sd
