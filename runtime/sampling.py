@@ -165,13 +165,13 @@ def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParam
     rows = [params] * B if isinstance(params, SamplingParams) else list(params)
     if len(rows) != B:
         raise ValueError(f"got {len(rows)} SamplingParams for {B} rows of logits")
-    uniform = all(r == rows[0] for r in rows)
 
     def per_row(attr: str, dtype=torch.float32):
-        # one Python scalar when every row agrees (no tensor at all), else a (B, 1) tensor
-        if uniform:
-            return getattr(rows[0], attr)
-        return torch.tensor([getattr(r, attr) for r in rows], dtype=dtype, device=dev).view(B, 1)
+        # a Python scalar when every row agrees (no tensor, no copy), else a (B, 1) tensor
+        values = [getattr(r, attr) for r in rows]
+        if all(v == values[0] for v in values):
+            return values[0]
+        return torch.tensor(values, dtype=dtype, device=dev).view(B, 1)
 
     x = logits.float()
     if any(r.repetition_penalty != 1.0 for r in rows) and prev_tokens is not None:
