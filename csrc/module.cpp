@@ -8,6 +8,8 @@
 
 namespace py = pybind11;
 
+void register_block_manager(py::module_& m);  // bind_block_manager.cpp
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "genfuse C++ extension: host-side hot paths of the runtime";
     m.def("version", []() { return std::string(GENFUSE_VERSION); },
@@ -24,4 +26,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
         return d;
     }, "Compiler and language standard the extension was built with.");
+    register_block_manager(m);
 }
