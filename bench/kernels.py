@@ -18,7 +18,8 @@ import torch
 from . import harness
 
 # One module per kernel family, each with cases(device, dtype, size) -> list[harness.Case].
-FAMILIES = ("attention", "decode_attention", "linear", "norm", "rotary", "swiglu", "group_norm")
+FAMILIES = ("attention", "decode_attention", "linear", "norm", "rotary", "swiglu", "group_norm",
+            "conv2d", "conv_transpose2d")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

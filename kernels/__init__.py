@@ -8,6 +8,8 @@ from .linear import ACTIVATIONS, linear, linear_reference
 from .norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rope_cos_sin, rotary_embedding, rotary_embedding_reference
 from .swiglu import swiglu, swiglu_reference
+from .conv2d import conv2d, conv2d_reference, fold_batchnorm
+from .conv_transpose2d import conv_transpose2d, conv_transpose2d_reference
 from .group_norm import group_norm, group_norm_reference
 from .decode_attention import num_splits_heuristic, paged_attention, paged_attention_reference
 
@@ -17,6 +19,8 @@ __all__ = [
     "rms_norm", "rms_norm_reference", "layer_norm", "layer_norm_reference",
     "rotary_embedding", "rotary_embedding_reference", "rope_cos_sin",
     "swiglu", "swiglu_reference",
+    "conv2d", "conv2d_reference", "fold_batchnorm",
+    "conv_transpose2d", "conv_transpose2d_reference",
     "group_norm", "group_norm_reference",
     "paged_attention", "paged_attention_reference", "num_splits_heuristic",
 ]
