@@ -4,6 +4,7 @@ Every public op takes ``backend=None | "triton" | "torch"`` (see ``_common.resol
 ``<op>_reference`` is the torch op with the same signature that tests compare against.
 """
 from ._common import poison_outputs
+from .attention import attention, attention_reference
 from .linear import ACTIVATIONS, linear, linear_reference
 from .norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rope_cos_sin, rotary_embedding, rotary_embedding_reference
@@ -15,6 +16,7 @@ from .decode_attention import num_splits_heuristic, paged_attention, paged_atten
 
 __all__ = [
     "poison_outputs",
+    "attention", "attention_reference",
     "linear", "linear_reference", "ACTIVATIONS",
     "rms_norm", "rms_norm_reference", "layer_norm", "layer_norm_reference",
     "rotary_embedding", "rotary_embedding_reference", "rope_cos_sin",
