@@ -12,7 +12,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels import swiglu
+from genfuse.kernels.swiglu import swiglu
 
 from .harness import Case
 
@@ -38,7 +38,7 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
         if compiled is not None:
             baselines["torch.compile"] = lambda x=x: compiled(x)
         out.append(Case(
-            kernel="swiglu", name=f"M{m} N{n}", genfuse=lambda x=x: swiglu.swiglu(x),
+            kernel="swiglu", name=f"M{m} N{n}", genfuse=lambda x=x: swiglu(x),
             baselines=baselines, bytes=3 * m * n * x.element_size(),
             cuda_graph=graph and device == "cuda", check_tol=_TOL[dtype],
             meta={"M": m, "N": n, "dtype": str(dtype).replace("torch.", "")},

@@ -1,5 +1,5 @@
 // genfuse._C: host-side hot paths of the runtime (pybind11, C++17, no torch).
-// For now it exposes its version and build facts; the KV-cache block manager lands here next.
+// It holds the paged KV-cache block manager (block_manager.h) and reports its version.
 #include <pybind11/pybind11.h>
 
 #ifndef GENFUSE_VERSION

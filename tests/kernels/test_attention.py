@@ -4,6 +4,7 @@ On CPU every Triton call runs in the interpreter, so shapes stay small; the awkw
 (ragged blocks, bottom-right causal with T != S, padded head dims, GQA, strided views) are
 what matters, not size. The gpu-marked cases at the end cover the multi-block CUDA tilings.
 """
+import importlib
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from helpers import DTYPES, assert_close, poisoned, to64
 
 from genfuse.bench import attention_bench, harness
-from genfuse.kernels import attention as attn_mod
+attn_mod = importlib.import_module("genfuse.kernels.attention")  # the module, not the function
 from genfuse.kernels.attention import attention, attention_reference
 
 

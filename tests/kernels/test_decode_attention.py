@@ -146,7 +146,7 @@ def test_backend_torch_is_reference(device):
 def test_default_backend_runs_triton_on_cpu():
     # conftest set TRITON_INTERPRET=1 on CPU machines: backend=None runs the kernels.
     if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
+        pytest.skip("CPU-only check: a CUDA machine runs compiled kernels instead")
     assert da._common.INTERPRET
     q, k, v, table, seq_lens = make_inputs("cpu", torch.float16, B=1, lens=(33,), D=32)
     check(q, k, v, table, seq_lens, torch.float16, num_splits=2, backend="triton")
@@ -209,7 +209,7 @@ def test_errors(device):
 
 def test_bf16_triton_on_cpu_refused():
     if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
+        pytest.skip("CPU-only check: a CUDA machine runs compiled kernels instead")
     q, k, v, table, seq_lens = make_inputs("cpu", torch.bfloat16, B=1, lens=(4,), D=16)
     with pytest.raises(TypeError, match="bfloat16"):
         paged_attention(q, k, v, table, seq_lens, backend="triton")
