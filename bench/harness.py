@@ -129,13 +129,10 @@ def measure_ceilings(dtype: torch.dtype = torch.bfloat16) -> Dict[str, float]:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
     copy_GBps = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-    del src, dst
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     ms = do_bench(lambda: a @ b, warmup=10, rep=100)
     tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
-    del a, b
-    torch.cuda.empty_cache()
     return {"copy_GBps": copy_GBps, f"{str(dtype).replace('torch.', '')}_matmul_TFLOPs": tflops}
 
 

@@ -8,8 +8,6 @@ import torch
 
 from helpers import DTYPES, assert_close, poisoned, rel_error, to64
 
-from genfuse.bench import harness
-from genfuse.bench.linear_bench import cases
 from genfuse.kernels.linear import ACTIVATIONS, SMALL_M, linear, linear_reference
 
 
@@ -249,10 +247,3 @@ def test_gpu_tuned(mnk, dtype, device):
 
 
 # --------------------------------------------------------------------------------------
-def test_bench_cases_smoke():
-    built = cases("cpu", torch.float32, "smoke")
-    assert len(built) >= 4
-    for case in built:
-        out = case.genfuse()
-        for name, fn in case.baselines.items():
-            assert harness.rel_error(out, fn()) < 1e-4, f"{case.name}: genfuse vs {name}"
