@@ -6,5 +6,6 @@ reference); the runtime (models, KV cache, engine) lands in ``genfuse.runtime``.
 __version__ = "0.1.0"
 
 from genfuse import kernels  # noqa: E402  (re-exported: genfuse.kernels.attention, ...)
+from genfuse.runtime.accelerate import accelerate  # noqa: E402
 
-__all__ = ["__version__", "kernels"]
+__all__ = ["__version__", "kernels", "accelerate"]
