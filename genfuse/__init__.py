@@ -9,3 +9,14 @@ from genfuse import kernels  # noqa: E402  (re-exported: genfuse.kernels.attenti
 from genfuse.runtime.accelerate import accelerate  # noqa: E402
 
 __all__ = ["__version__", "kernels", "accelerate"]
+
+__all__ += ["LLM", "SamplingParams", "Completion"]
+
+
+def __getattr__(name):
+    # the generation API, loaded on first use (tokenizer, weight loaders): `import genfuse` stays cheap
+    if name in ("LLM", "SamplingParams", "Completion"):
+        from genfuse import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'genfuse' has no attribute {name!r}")

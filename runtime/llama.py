@@ -1,0 +1,240 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) on genfuse kernels, gpt-fast style.
+
+One definition for the family: RMSNorm, rotary embeddings with the config's theta and scaling,
+grouped-query attention, a SwiGLU MLP, tied or untied embeddings, optional q/k/v bias (Qwen2).
+Every matmul, norm and attention is a `genfuse.kernels` op, so the same code runs the Triton
+kernels on CUDA (or through the interpreter) and their torch references on CPU.
+
+Fusions, built once at load (`Llama.from_state_dict`):
+
+* q, k, v are ONE `linear` over the concatenated weight ``[Wq; Wk; Wv]`` (and bias): x is read
+  once instead of three times, and q/k/v are strided views of the packed output.
+* gate and up are ONE `linear` over ``[Wg; Wu]`` followed by `swiglu` over ``[gate | up]``.
+* each block's two residual adds are fused, each exactly once: the attention residual into the
+  o_proj epilogue (``linear(..., residual=h)``), the MLP residual into the next RMSNorm
+  (``rms_norm(mlp_out, w, residual=h)`` returns the normed input *and* the new residual stream
+  in one pass; the last layer's goes into the final norm).
+
+KV cache (`KVCache`): preallocated per layer in the paged layout the decode kernel reads,
+``(num_blocks, block_size, Hkv, D)``, with trivial block tables: sequence ``b`` owns the
+contiguous blocks ``b * blocks_per_seq ...``, so its cache is also a plain ``(max_len, Hkv, D)``
+slab that prefill writes with one slice assignment. (The serving engine brings real paging.)
+
+`prefill` (one sequence, causal `attention` over its prompt) and `decode_one_token` (a batch of
+sequences, one new token each at their own positions, `paged_attention` over the cache) are
+split so that each can be captured or compiled on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from genfuse.kernels import (attention, linear, paged_attention, rms_norm, rope_cos_sin,
+                             rotary_embedding, swiglu)
+
+from .config import ModelConfig
+
+# Tokens per cache block. Only the decode kernel's gather sees it; 16 is vLLM's default page.
+BLOCK_SIZE = 16
+
+
+# --------------------------------------------------------------------------- rotary tables
+
+
+def rope_tables(config: ModelConfig, max_positions: int, device, rope_freqs: torch.Tensor | None = None):
+    """fp32 ``(cos, sin)``, each ``(max_positions, head_dim // 2)``, for the config's rotary.
+
+    Plain and Llama-3 scaling come from `rope_cos_sin`; "linear" divides every frequency by
+    ``factor`` and "freq_factors" (llama.cpp's Llama-3 form) by the per-frequency tensor,
+    both as transformers does.
+    """
+    scaling = config.rope_scaling
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind in (None, "llama3"):
+        return rope_cos_sin(max_positions, config.head_dim, config.rope_theta, device=device, scaling=scaling)
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    else:  # "freq_factors"
+        if rope_freqs is None:
+            raise ValueError("rope_type 'freq_factors' needs the model.rope_freqs tensor")
+        inv_freq = inv_freq / rope_freqs.to(device=device, dtype=torch.float32)
+    pos = torch.arange(max_positions, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)  # (P, D/2)
+    return angles.cos(), angles.sin()
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated K/V for ``max_batch`` sequences of up to ``max_len`` tokens, every layer.
+
+    ``k[l]`` / ``v[l]``: ``(num_blocks, BLOCK_SIZE, Hkv, D)``; ``block_table`` ``(max_batch,
+    blocks_per_seq)`` int32 maps sequence b's logical block j to physical block
+    ``b * blocks_per_seq + j``.
+    """
+
+    def __init__(self, config: ModelConfig, max_batch: int, max_len: int, *, dtype, device):
+        self.max_batch = max_batch
+        self.blocks_per_seq = -(-max_len // BLOCK_SIZE)
+        self.max_len = self.blocks_per_seq * BLOCK_SIZE
+        num_blocks = max_batch * self.blocks_per_seq
+        shape = (config.num_layers, num_blocks, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(
+            max_batch, self.blocks_per_seq)
+        self.rows = torch.arange(max_batch, device=device)  # decode scatter index, allocated once
+
+    def slab(self, cache: torch.Tensor) -> torch.Tensor:
+        """One layer's cache as ``(max_batch, max_len, Hkv, D)`` (a view: blocks are contiguous)."""
+        return cache.view(self.max_batch, self.max_len, *cache.shape[-2:])
+
+    def write_prefill(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v ``(1, Hkv, T, D)`` -> positions ``0..T-1`` of sequence ``row``."""
+        T = k.shape[2]
+        self.slab(self.k[layer])[row, :T] = k[0].transpose(0, 1)  # (T, Hkv, D)
+        self.slab(self.v[layer])[row, :T] = v[0].transpose(0, 1)
+
+    def write_decode(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v ``(B, Hkv, 1, D)`` -> position ``positions[b]`` of sequence b, for b < B."""
+        rows = self.rows[:k.shape[0]]
+        self.slab(self.k[layer])[rows, positions] = k[:, :, 0]  # (B, Hkv, D)
+        self.slab(self.v[layer])[rows, positions] = v[:, :, 0]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # (hidden,)
+    w_qkv: torch.Tensor  # (q_size + 2 * kv_size, hidden): [Wq; Wk; Wv]
+    b_qkv: torch.Tensor | None  # (q_size + 2 * kv_size,) with attention_bias
+    w_o: torch.Tensor  # (hidden, q_size)
+    b_o: torch.Tensor | None
+    post_norm: torch.Tensor  # (hidden,)
+    w_gate_up: torch.Tensor  # (2 * intermediate, hidden): [Wgate; Wup]
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor  # (hidden, intermediate)
+    b_down: torch.Tensor | None
+
+
+class Llama:
+    """Weights plus the forward passes; no nn.Module (inference only, no autograd)."""
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
+                 norm: torch.Tensor, lm_head: torch.Tensor, rope_freqs: torch.Tensor | None = None,
+                 *, backend: str | None = None):
+        if config.arch != "llama":
+            raise ValueError(f"Llama runs arch 'llama', not {config.arch!r}")
+        self.config = config
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.rope_freqs = rope_freqs
+        self.backend = backend  # passed to every kernel: None | "triton" | "torch"
+        self.device, self.dtype = embed.device, embed.dtype
+        self.cos = self.sin = None
+        self.cache: KVCache | None = None
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor], *,
+                        backend: str | None = None) -> Llama:
+        """From a canonical state dict (`runtime.weights`); concatenates QKV and gate/up."""
+        def cat_opt(*names):
+            return torch.cat([sd[n] for n in names]) if names[0] in sd else None
+
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            layers.append(LayerWeights(
+                input_norm=sd[p + "input_layernorm.weight"],
+                w_qkv=torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]]),
+                b_qkv=cat_opt(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+                w_o=sd[a + "o_proj.weight"],
+                b_o=sd.get(a + "o_proj.bias"),
+                post_norm=sd[p + "post_attention_layernorm.weight"],
+                w_gate_up=torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]]),
+                b_gate_up=cat_opt(m + "gate_proj.bias", m + "up_proj.bias"),
+                w_down=sd[m + "down_proj.weight"],
+                b_down=sd.get(m + "down_proj.bias"),
+            ))
+        embed = sd["model.embed_tokens.weight"]
+        lm_head = embed if config.tie_word_embeddings else sd["lm_head.weight"]
+        return cls(config, embed, layers, sd["model.norm.weight"], lm_head, sd.get("model.rope_freqs"),
+                   backend=backend)
+
+    # ------------------------------------------------------------------ cache
+
+    def setup_cache(self, max_batch: int, max_len: int) -> KVCache:
+        """(Re)allocate the KV cache and rotary tables unless the current ones are big enough."""
+        c = self.config
+        if max_len > c.max_position_embeddings:
+            raise ValueError(f"{max_len} tokens (prompt + max_tokens) exceed the model's "
+                             f"max_position_embeddings={c.max_position_embeddings}")
+        if self.cache is None or self.cache.max_batch < max_batch or self.cache.max_len < max_len:
+            self.cache = None  # free the old one first
+            self.cache = KVCache(c, max_batch, max_len, dtype=self.dtype, device=self.device)
+            n = min(self.cache.max_len, c.max_position_embeddings)
+            self.cos, self.sin = rope_tables(c, n, self.device, self.rope_freqs)
+        return self.cache
+
+    # ------------------------------------------------------------------ forward
+
+    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, h: torch.Tensor,
+                   positions: torch.Tensor, row: int | None) -> torch.Tensor:
+        """h + o_proj(attn(x)): x the normed input (B, T, hidden), h the residual stream."""
+        c, be = self.config, self.backend
+        B, T, _ = x.shape
+        qkv = linear(x, lw.w_qkv, lw.b_qkv, backend=be)  # (B, T, q + 2 kv)
+        q = qkv[..., :c.q_size].view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = qkv[..., c.q_size:c.q_size + c.kv_size].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = qkv[..., c.q_size + c.kv_size:].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = rotary_embedding(q, k, self.cos, self.sin, positions, backend=be)  # (B, H, T, D)
+        cache = self.cache
+        if row is not None:  # prefill of one sequence from position 0
+            cache.write_prefill(i, row, k, v)
+            y = attention(q, k, v, causal=True, backend=be)  # (1, Hq, T, D)
+        else:  # decode: one new token per sequence at positions[b, 0]
+            pos = positions[:, 0]
+            cache.write_decode(i, pos, k, v)
+            y = paged_attention(q, cache.k[i], cache.v[i], cache.block_table[:B], pos + 1,
+                                backend=be)  # (B, Hq, 1, D)
+        y = y.transpose(1, 2).reshape(B, T, c.q_size)  # (B, T, Hq * D)
+        return linear(y, lw.w_o, lw.b_o, residual=h, backend=be)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row: int | None = None) -> torch.Tensor:
+        """Logits of the last position of each sequence, ``(B, vocab)`` float32.
+
+        tokens, positions: ``(B, T)``. ``row`` set: prefill of cache row ``row`` (B = 1,
+        positions 0..T-1); ``row`` None: decode (T = 1, per-sequence positions).
+        """
+        c, be = self.config, self.backend
+        h = self.embed[tokens]  # (B, T, hidden): the residual stream
+        mlp_out = None
+        for i, lw in enumerate(self.layers):
+            if mlp_out is None:
+                x = rms_norm(h, lw.input_norm, c.norm_eps, backend=be)
+            else:  # the previous MLP's residual add, fused into this norm
+                x, h = rms_norm(mlp_out, lw.input_norm, c.norm_eps, residual=h, backend=be)
+            h = self._attention(i, lw, x, h, positions, row)
+            x = rms_norm(h, lw.post_norm, c.norm_eps, backend=be)
+            gu = linear(x, lw.w_gate_up, lw.b_gate_up, backend=be)  # (B, T, 2 * inter)
+            mlp_out = linear(swiglu(gu, backend=be), lw.w_down, lw.b_down, backend=be)  # (B, T, hidden)
+        x, _ = rms_norm(mlp_out[:, -1:], self.norm, c.norm_eps, residual=h[:, -1:], backend=be)
+        return linear(x[:, 0], self.lm_head, backend=be).float()  # (B, vocab)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, row: int) -> torch.Tensor:
+        """One prompt ``(T,)`` into cache row ``row``; logits of its last token ``(1, vocab)``."""
+        T = tokens.shape[-1]
+        positions = torch.arange(T, device=self.device).view(1, T)
+        return self.forward(tokens.view(1, T), positions, row=row)
+
+    @torch.inference_mode()
+    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions ``(B,)`` (sequence b's new token and its position) -> ``(B, vocab)``."""
+        return self.forward(tokens.view(-1, 1), positions.view(-1, 1), row=None)

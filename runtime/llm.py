@@ -1,0 +1,232 @@
+"""`LLM`: load a model by name, folder or .gguf and generate with it (batch, stream, chat).
+
+    llm = LLM()                                        # smollm2-135m-instruct
+    [c] = llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))
+    for piece in llm.stream("Once upon a time", SamplingParams(max_tokens=64)):
+        print(piece, end="", flush=True)
+    c = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=64))
+
+The loop: each prompt is prefilled on its own (its own cache row, positions from 0: no padding,
+no masks), then the batch decodes together, one token per sequence per step, each at its own
+position. The host syncs once per step, to hand the new tokens out (stop checks, streaming).
+A sequence that has finished keeps its slot until the batch ends; its tokens are discarded.
+
+Ending: EOS ids (the config's and the tokenizer's, unless ``ignore_eos``) and ``stop_token_ids``
+end a sequence with finish_reason "stop"; the id is in ``token_ids`` but not in ``text``. A stop
+string ends it too and is cut from ``text`` (with whatever followed it in the same token).
+``max_tokens`` ends it with "length". Text is decoded with special tokens skipped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import load_config
+from .llama import Llama
+from .registry import DEFAULT_MODEL, resolve
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer, TokenizerNotFoundError
+from .weights import load_weights
+
+
+@dataclass
+class Completion:
+    """One prompt's result: the generated text and ids, why it ended, and timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    ttft_s: float  # time to first token, from the start of the generate call
+    tokens_per_s: float  # generated tokens / seconds from the call's start to this one's end
+    prompt_token_ids: list[int] | None = None
+
+
+class _Seq:
+    """Host-side state of one sequence in a batch."""
+
+    def __init__(self, prompt_ids: list[int], detok, stops: tuple[str, ...]):
+        self.prompt_ids = prompt_ids
+        self.token_ids: list[int] = []
+        self.detok = detok
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1  # chars a stop could still claim
+        self.text = ""
+        self.emitted = 0  # chars of text already handed out by stream
+        self.finish_reason: str | None = None
+        self.t_first = self.t_end = 0.0
+
+    def add_text(self, piece: str) -> None:
+        """Append decoded text; finish with "stop" at the first stop string, cutting it off."""
+        if not piece:
+            return
+        start = max(0, len(self.text) - self.hold)  # a stop may straddle the old/new boundary
+        self.text += piece
+        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.finish_reason = "stop"
+
+    def ready_text(self) -> str:
+        """Text that can be shown now: all of it once finished, else minus a possible stop prefix."""
+        end = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self.hold)
+        piece = self.text[self.emitted:end]
+        self.emitted = end
+        return piece
+
+
+class LLM:
+    """A language model on genfuse kernels with its tokenizer.
+
+    ``model``: a registry name (default ``"smollm2-135m-instruct"``), a Hugging Face model
+    folder or a ``.gguf`` file. ``device``: default CUDA when available, else CPU. ``dtype``:
+    default bfloat16 on CUDA, float32 on CPU. ``backend``: the kernels' backend (None picks
+    Triton on CUDA / under TRITON_INTERPRET, torch otherwise; "torch" forces the references).
+    """
+
+    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, backend: str | None = None):
+        resolved = resolve(model)
+        self.name = resolved.name
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.config = load_config(resolved.path)
+        if self.config.arch != "llama":
+            raise ValueError(f"{resolved.path}: arch {self.config.arch!r} is not supported by LLM yet (llama only)")
+        sd = load_weights(resolved.path, self.config, dtype=self.dtype, device=self.device)
+        self.model = Llama.from_state_dict(self.config, sd, backend=backend)
+        del sd
+        try:
+            self.tokenizer: Tokenizer | None = Tokenizer.load(resolved.path)
+        except TokenizerNotFoundError:
+            self.tokenizer = None  # token-id prompts still work
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 params: SamplingParams | None = None) -> list[Completion]:
+        """Complete each prompt (a str or a list of token ids) as one batch; one Completion each."""
+        params = params or SamplingParams()
+        batch = self._encode_prompts(prompts)
+        seqs = None
+        for seqs in self._run(batch, params):
+            pass
+        return [self._completion(s) for s in seqs]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces, as tokens are decoded."""
+        params = params or SamplingParams()
+        batch = self._encode_prompts([prompt] if isinstance(prompt, str) else [list(prompt)])
+        for seqs in self._run(batch, params):
+            piece = seqs[0].ready_text()
+            if piece:
+                yield piece
+
+    def chat(self, messages: Sequence[dict], params: SamplingParams | None = None) -> Completion:
+        """Reply to ``messages`` ([{"role", "content"}, ...]) through the model's chat template."""
+        return self.generate([self.chat_prompt(messages)], params)[0]
+
+    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+        """The token ids of ``messages`` rendered with the chat template, ready to generate from."""
+        tok = self._need_tokenizer("chat")
+        return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    # ------------------------------------------------------------------ internals
+
+    def _need_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.name!r} has no tokenizer (no tokenizer.json): {what} needs one; "
+                             "pass prompts as lists of token ids instead")
+        return self.tokenizer
+
+    def _encode_prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, torch.Tensor):
+            prompts = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+        else:
+            prompts = list(prompts)
+            if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+                prompts = [prompts]  # one prompt given as token ids
+        if not prompts:
+            raise ValueError("no prompts given")
+        out = []
+        V = self.config.vocab_size
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = self._need_tokenizer("a text prompt").encode(p)
+            elif isinstance(p, (list, tuple)):
+                ids = [int(t) for t in p]
+                bad = [t for t in ids if not 0 <= t < V]
+                if bad:
+                    raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {V})")
+            else:
+                raise TypeError(f"prompt {i} must be a str or a list of token ids, got {type(p).__name__}")
+            if not ids:
+                raise ValueError(f"prompt {i} is empty (no tokens)")
+            out.append(ids)
+        return out
+
+    def _run(self, batch: list[list[int]], params: SamplingParams) -> Iterator[list[_Seq]]:
+        """The generation loop; yields the sequences after every step (streaming reads them)."""
+        t0 = time.perf_counter()
+        B, dev, model = len(batch), self.device, self.model
+        model.setup_cache(B, max(len(p) for p in batch) + params.max_tokens)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        seqs = [_Seq(p, self.tokenizer.detokenizer(skip_special_tokens=True) if self.tokenizer else None,
+                     params.stop) for p in batch]
+        generator = params.make_generator(dev)
+        penalize = params.repetition_penalty != 1.0
+        if penalize:  # prompt + output ids, -1 padded: the repetition penalty's "seen" set
+            width = max(len(p) for p in batch) + params.max_tokens
+            prev = torch.full((B, width), -1, dtype=torch.int64, device=dev)
+            for b, p in enumerate(batch):
+                prev[b, :len(p)] = torch.tensor(p)
+            prev_len = [len(p) for p in batch]
+
+        logits = torch.cat([model.prefill(torch.tensor(p, device=dev), row=b) for b, p in enumerate(batch)])
+        positions = torch.tensor([len(p) for p in batch], device=dev)  # where each next token goes
+        for step in range(params.max_tokens):
+            tokens = sample(logits, params, generator, prev if penalize else None)  # (B,)
+            host = tokens.tolist()  # the one sync per step: hand the tokens out
+            now = time.perf_counter()
+            for b, (s, t) in enumerate(zip(seqs, host)):
+                if s.finish_reason:
+                    continue
+                s.token_ids.append(t)
+                if step == 0:
+                    s.t_first = now - t0
+                if penalize:
+                    prev[b, prev_len[b]] = t
+                    prev_len[b] += 1
+                if t in stop_ids:
+                    s.finish_reason = "stop"
+                    if s.detok is not None:  # text held back for an incomplete character
+                        s.add_text(s.detok.flush())
+                elif s.detok is not None:
+                    s.add_text(s.detok.push(t))
+                if not s.finish_reason and step == params.max_tokens - 1:
+                    if s.detok is not None:
+                        s.add_text(s.detok.flush())
+                    if not s.finish_reason:
+                        s.finish_reason = "length"
+                if s.finish_reason:
+                    s.t_end = now - t0
+            yield seqs
+            if all(s.finish_reason for s in seqs):
+                return
+            logits = model.decode_one_token(tokens, positions)
+            positions += 1
+
+    def _completion(self, s: _Seq) -> Completion:
+        n = len(s.token_ids)
+        return Completion(text=s.text, token_ids=list(s.token_ids), finish_reason=s.finish_reason or "length",
+                          ttft_s=s.t_first, tokens_per_s=n / s.t_end if s.t_end > 0 else 0.0,
+                          prompt_token_ids=list(s.prompt_ids))

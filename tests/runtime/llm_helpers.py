@@ -1,0 +1,72 @@
+"""Shared by the LLM tests: the SmolLM2 LLM and its transformers oracle, each loaded once per
+process (both test modules use them), tiny random-weight model folders, and a one-thread CPU.
+
+The CPU here has 2 cores shared with other jobs: torch's intra-op thread pool then spends most
+of its time waiting for a descheduled thread (a decode step's tiny ops run 10x slower), so
+these tests run torch single-threaded and restore the setting after.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from loader_helpers import smollm_gguf, tiny_hf_model
+
+
+@contextlib.contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=1)
+def smollm_llm():
+    """genfuse's LLM on the shipped SmolLM2 GGUF, CPU fp32, the torch references."""
+    from genfuse.runtime.llm import LLM
+
+    return LLM(str(smollm_gguf()), device="cpu", dtype=torch.float32, backend="torch")
+
+
+@functools.lru_cache(maxsize=1)
+def smollm_transformers():
+    """transformers' LlamaForCausalLM from the same GGUF (its own loader), fp32, EOS disabled."""
+    transformers = pytest.importorskip("transformers")
+    path = smollm_gguf()
+    folder = Path(tempfile.mkdtemp(prefix="smollm_gguf_"))
+    (folder / path.name).symlink_to(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    no_eos(model)
+    return model
+
+
+def no_eos(model):
+    """Let transformers' generate run to max_new_tokens (compared with ignore_eos=True)."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def tiny_folder(kind: str, folder: os.PathLike):
+    """A transformers random-weight model (see loader_helpers.tiny_hf_model) saved with
+    save_pretrained (safetensors + config.json, no tokenizer); returns (model, folder)."""
+    model = tiny_hf_model(kind)
+    model.save_pretrained(str(folder))
+    no_eos(model)
+    return model, Path(folder)
