@@ -1,0 +1,118 @@
+"""runtime/llm.py: the generation API (generate, stream, chat), finish reasons, stop handling,
+seeded sampling, batching and the exports, on the shipped SmolLM2 GGUF (CPU, torch backend)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import genfuse
+import genfuse.runtime
+from genfuse.runtime.llm import LLM, Completion
+from genfuse.runtime.sampling import SamplingParams
+from llm_helpers import one_thread, smollm_llm, tiny_folder
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = "Once upon a time, in a small village by the sea,"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return smollm_llm()
+
+
+@pytest.fixture(scope="module")
+def story(llm):
+    """Greedy reference: 24 tokens past EOS."""
+    [c] = llm.generate(STORY, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    return c
+
+
+def test_exports():
+    assert genfuse.LLM is genfuse.runtime.LLM is LLM
+    assert genfuse.SamplingParams is genfuse.runtime.SamplingParams is SamplingParams
+    assert genfuse.Completion is genfuse.runtime.Completion is Completion
+
+
+def test_length_finish_and_fields(llm, story):
+    c = story
+    assert isinstance(c, Completion)
+    assert c.finish_reason == "length" and len(c.token_ids) == 24
+    assert c.text == llm.tokenizer.decode(c.token_ids, skip_special_tokens=True) and c.text
+    assert c.prompt_token_ids == llm.tokenizer.encode(STORY)
+    assert 0 < c.ttft_s and c.tokens_per_s > 0
+
+
+def test_eos_ends_with_stop_and_is_not_in_text(llm):
+    c = llm.chat(QUESTION, SamplingParams(max_tokens=48, temperature=0))
+    assert c.finish_reason == "stop"
+    assert c.token_ids[-1] in llm.eos_token_ids
+    assert "Paris" in c.text and "<|im_end|>" not in c.text
+    # ignore_eos runs on past it
+    c2 = llm.chat(QUESTION, SamplingParams(max_tokens=len(c.token_ids) + 3, temperature=0, ignore_eos=True))
+    assert c2.finish_reason == "length" and c2.token_ids[:len(c.token_ids)] == c.token_ids
+
+
+def test_stop_token_ids(llm, story):
+    i = 5
+    t = story.token_ids[i]
+    first = story.token_ids.index(t)
+    c = llm.generate(STORY, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[t]))[0]
+    assert c.finish_reason == "stop"
+    assert c.token_ids == story.token_ids[:first + 1]
+
+
+def test_stop_strings_are_cut(llm, story):
+    text = story.text
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    cut = text.find(stop)
+    params = SamplingParams(max_tokens=24, temperature=0, stop=["@@never@@", stop])
+    c = llm.generate(STORY, params)[0]
+    assert c.finish_reason == "stop"
+    assert c.text == text[:cut]
+    assert len(c.token_ids) < 24 and c.token_ids == story.token_ids[:len(c.token_ids)]
+    assert "".join(llm.stream(STORY, params)) == c.text  # streaming holds back a possible stop prefix
+
+
+def test_stream_pieces_concatenate_to_the_text(llm, story):
+    pieces = list(llm.stream(STORY, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)))
+    assert len(pieces) > 5
+    assert "".join(pieces) == story.text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_batch_equals_one_by_one(llm, story):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    other = "The three primary colors are"
+    batch = llm.generate([STORY, other, llm.chat_prompt(QUESTION)], params)
+    assert batch[0].token_ids == story.token_ids[:12]
+    assert batch[1].token_ids == llm.generate(other, params)[0].token_ids
+    assert batch[2].token_ids == llm.generate([llm.chat_prompt(QUESTION)], params)[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    a = llm.generate(STORY, params)[0].token_ids
+    b = llm.generate(STORY, params)[0].token_ids
+    assert a == b
+    others = [llm.generate(STORY, SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50,
+                                                 seed=s, ignore_eos=True))[0].token_ids for s in (1, 2)]
+    assert any(o != a for o in others)  # the seed matters
+
+
+def test_token_id_prompts_without_tokenizer(tmp_path):
+    hf, folder = tiny_folder("smol", tmp_path / "m")
+    llm = LLM(folder, device="cpu", backend="torch")
+    [c] = llm.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(c.token_ids) == 4 and c.text == ""
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("hello", SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[1, 10**6]], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=10**5))
