@@ -12,6 +12,8 @@ How a stack is rewritten, at build time, once:
   says) - one pass over the activations saved per layer;
 * the activation right after that (ReLU, LeakyReLU with its slope, Tanh, Sigmoid) runs in the
   conv's epilogue - another pass saved;
+* a nearest ``Upsample`` by an integer factor right before a ``Conv2d`` is folded into that
+  conv's input indexing (``conv2d(upsample=)``: the upsampled tensor never exists);
 * a BatchNorm that follows no conv becomes a per-channel ``x * scale + shift`` (elementwise
   torch, no ``F.batch_norm``); a lone activation stays the torch module it was.
 
@@ -56,13 +58,15 @@ class FusedConv(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], *, transposed: bool,
                  stride: Tuple[int, int], padding: Tuple[int, int],
                  output_padding: Tuple[int, int] = (0, 0), activation: Optional[str] = None,
-                 negative_slope: float = 0.0, backend: Optional[str] = None, source: str = ""):
+                 negative_slope: float = 0.0, upsample: int = 1, backend: Optional[str] = None,
+                 source: str = ""):
         super().__init__()
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.transposed = transposed
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.activation, self.negative_slope = activation, negative_slope
+        self.upsample = upsample
         self.backend = backend
         self.source = source  # the original modules, for repr
 
@@ -73,12 +77,13 @@ class FusedConv(nn.Module):
                                        activation=self.activation,
                                        negative_slope=self.negative_slope, backend=self.backend)
         return gk.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
-                         activation=self.activation, negative_slope=self.negative_slope,
+                         upsample=self.upsample, activation=self.activation, negative_slope=self.negative_slope,
                          backend=self.backend)
 
     def extra_repr(self) -> str:
         kind = "conv_transpose2d" if self.transposed else "conv2d"
-        return (f"{kind} {tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}, "
+        up = f"upsample={self.upsample}, " if self.upsample != 1 else ""
+        return (f"{kind} {tuple(self.weight.shape)}, {up}stride={self.stride}, padding={self.padding}, "
                 f"activation={self.activation}, from [{self.source}]")
 
 
@@ -115,6 +120,17 @@ def _conv_problem(m: nn.Module) -> Optional[str]:
     return None
 
 
+def _nearest_factor(m: nn.Module) -> Optional[int]:
+    """The integer factor of a nearest ``nn.Upsample`` (same on H and W), else None."""
+    if not isinstance(m, nn.Upsample) or m.mode != "nearest" or m.size is not None:
+        return None
+    f = m.scale_factor
+    f = tuple(f) if isinstance(f, (tuple, list)) else (f, f)
+    if len(f) != 2 or f[0] != f[1] or float(f[0]) != int(f[0]) or int(f[0]) < 1:
+        return None
+    return int(f[0])
+
+
 def _bn_problem(m: nn.BatchNorm2d, channels: Optional[int] = None) -> Optional[str]:
     if m.running_mean is None or m.running_var is None:
         return "no running statistics (track_running_stats=False)"
@@ -137,10 +153,17 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, backend: Optional[str],
     while i < len(items):
         name, m = items[i]
         path = f"{prefix}{name}"
+        upsample, used = 1, []
+        if _nearest_factor(m) is not None and i + 1 < len(items) \
+                and isinstance(items[i + 1][1], nn.Conv2d) and _conv_problem(items[i + 1][1]) is None:
+            upsample, used = _nearest_factor(m), [path]
+            i += 1
+            name, m = items[i]
+            path = f"{prefix}{name}"
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and _conv_problem(m) is None:
             transposed = isinstance(m, nn.ConvTranspose2d)
             weight, bias = m.weight, m.bias
-            used = [path]
+            used.append(path)
             j = i + 1
             out_channels = m.out_channels
             if j < len(items) and isinstance(items[j][1], nn.BatchNorm2d) \
@@ -156,7 +179,8 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, backend: Optional[str],
             stages.append(FusedConv(
                 weight, bias, transposed=transposed, stride=tuple(m.stride), padding=tuple(m.padding),
                 output_padding=tuple(m.output_padding) if transposed else (0, 0),
-                activation=activation, negative_slope=slope, backend=backend, source=", ".join(used)))
+                activation=activation, negative_slope=slope, upsample=upsample, backend=backend,
+                source=", ".join(used)))
             i = j
             continue
         if isinstance(m, nn.BatchNorm2d) and _bn_problem(m) is None:
@@ -184,6 +208,9 @@ def _describe(path: str, m: nn.Module) -> str:
         why = f": {_conv_problem(m)}"
     elif isinstance(m, nn.BatchNorm2d):
         why = f": {_bn_problem(m)}"
+    elif isinstance(m, nn.Upsample):
+        why = (f": mode={m.mode!r}, scale_factor={m.scale_factor}" if _nearest_factor(m) is None
+               else ": not followed by a Conv2d to fold into")
     return f"{path} ({type(m).__name__}{why})"
 
 

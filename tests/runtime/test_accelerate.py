@@ -138,6 +138,32 @@ def test_random_dcgan_matches_torch(device, nz, ngf, nc, bias, act, final, refin
     assert rel_error(out, ref) < TOL[device]
 
 
+def test_resize_convolution_generator_folds_the_upsample(device):
+    """Upsample(nearest) + Conv2d generators: the upsample goes into the conv's input indexing."""
+    model = _randomize_bn(nn.Sequential(
+        nn.ConvTranspose2d(10, 12, 4, 1, 0), nn.BatchNorm2d(12), nn.ReLU(),  # (N, 12, 4, 4)
+        nn.Upsample(scale_factor=2), nn.Conv2d(12, 6, 3, 1, 1, bias=False), nn.BatchNorm2d(6),
+        nn.LeakyReLU(0.1),  # (N, 6, 8, 8)
+        nn.UpsamplingNearest2d(scale_factor=2), nn.Conv2d(6, 3, 3, 1, 1), nn.Tanh(),
+    )).to(device)
+    fast = _no_warnings_accelerate(model)
+    assert [type(m) for m in fast] == [acc_mod.FusedConv] * 3
+    assert [m.upsample for m in fast] == [1, 2, 2]
+    z = torch.randn(2, 10, 1, 1, device=device)
+    with torch.no_grad():
+        assert rel_error(fast(z), model(z)) < TOL[device]
+
+
+def test_upsample_the_kernel_cannot_fold_is_left(device):
+    model = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(3, 4, 3)).to(device)
+    with pytest.warns(UserWarning, match=r"1 module\(s\) left on torch .*: 0 \(Upsample: mode='bilinear'"):
+        fast = genfuse.accelerate(model)
+    assert isinstance(fast[0], nn.Upsample) and isinstance(fast[1], acc_mod.FusedConv)
+    x = torch.randn(1, 3, 5, 6, device=device)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) < TOL[device]
+
+
 def test_batchnorm_in_training_mode_is_folded_with_running_stats(device):
     model = _dcgan(8, 4, 3).to(device)
     fast = genfuse.accelerate(model.train())
