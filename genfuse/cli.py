@@ -76,6 +76,93 @@ def _cmd_image(args: argparse.Namespace) -> int:
 # --- end genfuse image ----------------------------------------------------------------
 
 
+# --- genfuse generate / chat ----------------------------------------------------------
+def _add_llm_parsers(sub) -> None:
+    def common(p):
+        p.add_argument("--model", default="smollm2-135m-instruct",
+                       help="registry name, Hugging Face model folder or .gguf file (default smollm2-135m-instruct)")
+        p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+        p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+        p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default 0.9)")
+        p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+        p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
+        p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                       help="kernel backend (default auto: Triton on CUDA or under TRITON_INTERPRET=1, "
+                            "else the torch reference ops)")
+
+    p = sub.add_parser("generate", help="stream a completion of a prompt (tokens/s on stderr)",
+                       description="Generate from a prompt with an LLM on genfuse kernels, streaming the "
+                                   "text to stdout and the speed to stderr.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    common(p)
+    p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal",
+                       description="Chat with an LLM through its chat template; an empty line or EOF ends.")
+    p.add_argument("--system", default=None, help="a system message to start with")
+    common(p)
+    p.set_defaults(func=_cmd_chat)
+
+
+def _load_llm(args):
+    """(LLM, SamplingParams) from the flags; ValueError / ImportError carry the message to print."""
+    from genfuse.runtime.llm import LLM
+    from genfuse.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    llm = LLM(args.model, device=args.device, backend=None if args.backend == "auto" else args.backend)
+    return llm, params
+
+
+def _stream_reply(llm, prompt, params) -> str:
+    import time
+
+    t0, text = time.perf_counter(), []
+    for piece in llm.stream(prompt, params):
+        text.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    c = llm.last_completion
+    dt = time.perf_counter() - t0
+    print(f"[{len(c.token_ids)} tokens in {dt:.2f} s: {len(c.token_ids) / dt:.1f} tokens/s, "
+          f"first token after {c.ttft_s * 1000:.0f} ms, finish: {c.finish_reason}]", file=sys.stderr)
+    return "".join(text)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        llm, params = _load_llm(args)
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        _stream_reply(llm, prompt, params)
+    except (ValueError, ImportError) as e:
+        print(f"genfuse generate: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        llm, params = _load_llm(args)
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            messages.append({"role": "assistant", "content": _stream_reply(llm, llm.chat_prompt(messages), params)})
+    except (ValueError, ImportError) as e:
+        print(f"genfuse chat: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+# --- end genfuse generate / chat ------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     import genfuse
 
@@ -104,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kernels.build_parser(p_bk)
     p_bk.set_defaults(func=_cmd_bench_kernels)
     _add_image_parser(sub)
+    _add_llm_parsers(sub)
     return parser
 
 

@@ -107,6 +107,7 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.last_completion: Completion | None = None  # set by `stream` when it ends
 
     # ------------------------------------------------------------------ public API
 
@@ -121,13 +122,16 @@ class LLM:
         return [self._completion(s) for s in seqs]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion of one prompt as text pieces, as tokens are decoded."""
+        """Yield the completion of one prompt as text pieces, as tokens are decoded.
+
+        Once the iterator is exhausted, ``self.last_completion`` holds its `Completion`."""
         params = params or SamplingParams()
         batch = self._encode_prompts([prompt] if isinstance(prompt, str) else [list(prompt)])
         for seqs in self._run(batch, params):
             piece = seqs[0].ready_text()
             if piece:
                 yield piece
+        self.last_completion = self._completion(seqs[0])
 
     def chat(self, messages: Sequence[dict], params: SamplingParams | None = None) -> Completion:
         """Reply to ``messages`` ([{"role", "content"}, ...]) through the model's chat template."""
