@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import load_config
+from .gpt2 import GPT2
 from .llama import Llama
 from .registry import DEFAULT_MODEL, resolve
 from .sampling import SamplingParams, sample
@@ -94,10 +95,9 @@ class LLM:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.config = load_config(resolved.path)
-        if self.config.arch != "llama":
-            raise ValueError(f"{resolved.path}: arch {self.config.arch!r} is not supported by LLM yet (llama only)")
         sd = load_weights(resolved.path, self.config, dtype=self.dtype, device=self.device)
-        self.model = Llama.from_state_dict(self.config, sd, backend=backend)
+        family = GPT2 if self.config.arch == "gpt2" else Llama
+        self.model = family.from_state_dict(self.config, sd, backend=backend)
         del sd
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.load(resolved.path)

@@ -1,4 +1,4 @@
-"""runtime/llama.py against transformers: the shipped SmolLM2 GGUF (greedy tokens, logits) and
+"""runtime/llama.py (and runtime/gpt2.py) against transformers: the shipped SmolLM2 GGUF (greedy tokens, logits) and
 random-weight Llama-family folders (greedy tokens), on the torch references and, for a tiny
 Llama, on genfuse's Triton kernels through the interpreter."""
 from __future__ import annotations
@@ -69,9 +69,10 @@ def test_smollm_greedy_tokens_match_transformers(smollm):
 # --------------------------------------------------------------------------- random weights
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "smol", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "smol", "mistral", "gpt2"])
 def test_tiny_greedy_tokens_match_transformers(tmp_path, kind):
-    """llama: GQA, untied, Llama-3 rope scaling; qwen2: q/k/v bias; smol: tied; mistral."""
+    """llama: GQA, untied, Llama-3 rope scaling; qwen2: q/k/v bias; smol: tied; mistral;
+    gpt2 (runtime/gpt2.py): learned positions, LayerNorm, gelu_tanh, Conv1D weights."""
     hf, folder = tiny_folder(kind, tmp_path / kind)
     llm = LLM(folder, device="cpu", backend="torch")
     assert llm.tokenizer is None  # save_pretrained of a bare model writes no tokenizer
@@ -94,7 +95,6 @@ _TRITON_SCRIPT = textwrap.dedent("""
         raise AssertionError("the Triton path must not call torch's linear / SDPA")
 
     F.linear = F.scaled_dot_product_attention = forbidden
-    from genfuse.kernels import _common
     from genfuse.runtime.llm import LLM
     from genfuse.runtime.sampling import SamplingParams
 
@@ -105,10 +105,11 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_tiny_llama_on_triton_interpreter_gives_the_same_tokens(tmp_path):
-    """The same tiny Llama through genfuse's Triton kernels (TRITON_INTERPRET=1, read at import,
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_tiny_model_on_triton_interpreter_gives_the_same_tokens(tmp_path, kind):
+    """The same tiny Llama (and GPT-2) through genfuse's Triton kernels (TRITON_INTERPRET=1, read at import,
     hence a subprocess); torch's F.linear and SDPA are replaced by a function that raises."""
-    hf, folder = tiny_folder("llama", tmp_path / "llama")
+    hf, folder = tiny_folder(kind, tmp_path / kind)
     prompts, n = [[1, 17, 33, 250, 8], [5, 6, 7, 100, 101, 102, 200]], 6
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, str(folder), json.dumps(prompts), str(n)],
