@@ -116,3 +116,30 @@ def test_token_id_prompts_without_tokenizer(tmp_path):
         llm.generate([[1, 10**6]], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         llm.generate([1, 2, 3], SamplingParams(max_tokens=10**5))
+
+
+def test_hf_folder_with_tokenizer_and_shards(llm, tmp_path):
+    """SmolLM2 written as a Hugging Face folder by transformers (sharded safetensors + index,
+    tokenizer.json, tokenizer_config.json with the chat template) generates what the GGUF does."""
+    transformers = pytest.importorskip("transformers")
+    from llm_helpers import smollm_transformers
+    from loader_helpers import smollm_gguf
+
+    folder = tmp_path / "smollm2"
+    gguf_model = smollm_transformers()  # transformers will not save a GGUF-loaded model: copy it
+    config = transformers.LlamaConfig.from_dict(
+        {k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.save_pretrained(str(folder), max_shard_size="200MB")
+    src = tmp_path / "link"
+    src.mkdir()
+    (src / smollm_gguf().name).symlink_to(smollm_gguf())
+    transformers.AutoTokenizer.from_pretrained(str(src), gguf_file=smollm_gguf().name).save_pretrained(str(folder))
+    assert (folder / "model.safetensors.index.json").is_file()
+    from_folder = LLM(folder, device="cpu", backend="torch")
+    assert from_folder.tokenizer.encode(STORY) == llm.tokenizer.encode(STORY)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    c = from_folder.chat(QUESTION, params)
+    assert c.token_ids == llm.chat(QUESTION, params).token_ids and "Paris" in c.text
