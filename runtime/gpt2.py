@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from genfuse.kernels import attention, layer_norm, linear, paged_attention
 
 from .config import ModelConfig

@@ -29,9 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from genfuse.kernels import (attention, linear, paged_attention, rms_norm, rope_cos_sin,
-                             rotary_embedding, swiglu)
+from genfuse.kernels import (
+    attention,
+    linear,
+    paged_attention,
+    rms_norm,
+    rope_cos_sin,
+    rotary_embedding,
+    swiglu,
+)
 
 from .config import ModelConfig
 

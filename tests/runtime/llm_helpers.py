@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from loader_helpers import smollm_gguf, tiny_hf_model
 
 

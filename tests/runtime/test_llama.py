@@ -11,10 +11,15 @@ import textwrap
 
 import pytest
 import torch
-
 from genfuse.runtime.llm import LLM
 from genfuse.runtime.sampling import SamplingParams
-from llm_helpers import hf_greedy, one_thread, smollm_llm, smollm_transformers, tiny_folder
+from llm_helpers import (
+    hf_greedy,
+    one_thread,
+    smollm_llm,
+    smollm_transformers,
+    tiny_folder,
+)
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -2,14 +2,14 @@
 seeded sampling, batching and the exports, on the shipped SmolLM2 GGUF (CPU, torch backend)."""
 from __future__ import annotations
 
+import genfuse.runtime
 import pytest
 import torch
-
-import genfuse
-import genfuse.runtime
 from genfuse.runtime.llm import LLM, Completion
 from genfuse.runtime.sampling import SamplingParams
 from llm_helpers import one_thread, smollm_llm, tiny_folder
+
+import genfuse
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = "Once upon a time, in a small village by the sea,"
@@ -106,7 +106,7 @@ def test_seeded_sampling_is_reproducible(llm):
 
 
 def test_token_id_prompts_without_tokenizer(tmp_path):
-    hf, folder = tiny_folder("smol", tmp_path / "m")
+    _, folder = tiny_folder("smol", tmp_path / "m")
     llm = LLM(folder, device="cpu", backend="torch")
     [c] = llm.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(c.token_ids) == 4 and c.text == ""
