@@ -190,11 +190,27 @@ def _configs():
     ]
 
 
+def _triton_version() -> Tuple[int, int]:
+    try:
+        return tuple(int(p) for p in triton.__version__.split(".")[:2])  # type: ignore[return-value]
+    except ValueError:  # pragma: no cover - unusual version string
+        return (3, 9)
+
+
+# K/V stage buffers the sm_90 cubins allocate beyond ``num_stages`` (bench/compile_check.py):
+# triton 3.9 exactly num_stages; triton 3.6 (the GPU machine's) up to two more (fp16/bf16 mostly
+# +2, fp32 +1): without this, e.g. fp32 D=256 kept only 64x32/8 warps/2 stages, which asks 3.6
+# for 256 KiB and cannot launch. +2 bounds every 3.6 config measured (versions in between were
+# not measured and get the same bound).
+_EXTRA_KV_BUFFERS = 0 if _triton_version() >= (3, 9) else 2
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs that cannot fit or would spill, so autotuning times only real candidates.
 
     * shared memory: the q tile plus ``num_stages`` buffers of K and V (exactly what the
-      sm_90 cubins allocate) must fit the device's opt-in limit;
+      sm_90 cubins of triton 3.9 allocate; ``_EXTRA_KV_BUFFERS`` more on older triton) must
+      fit the device's opt-in limit;
     * registers: the fp32 accumulator (BLOCK_M x BLOCK_D) plus the fp32 score tile
       (BLOCK_M x BLOCK_N), in values per thread, stays under a limit read off sm_90 cubins
       (ptxas resource usage, triton 3.9, head dim a constexpr so padded dims behave like
@@ -216,15 +232,16 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if elem * (bm * block_d + c.num_stages * 2 * bn * block_d) > smem_limit:
+        if elem * (bm * block_d + (c.num_stages + _EXTRA_KV_BUFFERS) * 2 * bn * block_d) > smem_limit:
             continue
         if bm * (block_d + bn) > limit * 32 * c.num_warps:
             continue
         if bm == 128 and t <= 64:
             continue
         kept.append(c)
-    # Always something to run: the smallest tile fits every head dim <= 256 in any dtype.
-    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
+    # Always something to run: this tile fits every head dim <= 256 in any dtype, without
+    # spills, on triton 3.6 and 3.9 (fp32 D=256: 160 / 128 KiB of shared memory).
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2)]
 
 
 _attn_fwd_tuned = triton.autotune(
