@@ -361,9 +361,9 @@ def group_norm_cases(mod, n_tuned: int) -> List[Case]:
                                 stride_w=1 if wb else 0, stride_b=1 if wb else 0)
                     const = dict(SPATIAL_2D=sp2, HAS_WEIGHT=wb, HAS_BIAS=wb, ACTIVATION=act,
                                  SPLIT_BLOCK=triton.next_power_of_2(split), **meta)
-                    cases.append(Case("group_norm", "_gn_apply_kernel",
-                                      f"{shape} affine={int(wb)} act={act} {_cfg_label(meta, cfg.num_warps, cfg.num_stages)}",
-                                      args, const, cfg.num_warps, cfg.num_stages))
+                    label = f"{shape} affine={int(wb)} act={act} {_cfg_label(meta, cfg.num_warps, cfg.num_stages)}"
+                    cases.append(Case("group_norm", "_gn_apply_kernel", label, args, const, cfg.num_warps,
+                                      cfg.num_stages))
     return cases
 
 
