@@ -23,16 +23,7 @@ import torch.nn.functional as F
 
 from genfuse.kernels.conv_transpose2d import conv_transpose2d
 
-from .harness import REFERENCE_CEILINGS, Case
-
-
-
-def _flops_if_compute_bound(flops: float, nbytes: float) -> float:
-    """A layer whose bytes take longer at the copy ceiling than its FLOPs at the matmul
-    ceiling (RGB in/out layers, the 100-channel latent) is reported as memory-bound: flops=0
-    makes the harness rate it in GB/s against the copy ceiling; meta keeps the FLOP count."""
-    c = REFERENCE_CEILINGS
-    return flops if flops / (c["bf16_matmul_TFLOPs"] * 1e12) >= nbytes / (c["copy_GBps"] * 1e9) else 0.0
+from .harness import Case, flops_if_compute_bound
 
 
 _TOL = {torch.float32: 5e-3, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -91,7 +82,7 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
             genfuse=lambda x=x_cl, w=w_cl, b=b, s=st, p=pad, a=act:
                 conv_transpose2d(x, w, b, stride=s, padding=p, activation=a),
             baselines=baselines,
-            flops=_flops_if_compute_bound(conv_flops, nbytes),
+            flops=flops_if_compute_bound(conv_flops, nbytes),
             bytes=float(nbytes),
             check_tol=_TOL[dtype],
             meta={"conv_flops": conv_flops, "N": n, "C_in": ci, "H": h, "W": w, "C_out": co, "kernel": k,

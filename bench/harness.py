@@ -47,6 +47,16 @@ class Case:
         return "compute" if self.flops > 0 else "memory"
 
 
+def flops_if_compute_bound(flops: float, nbytes: float) -> float:
+    """``flops`` when the op is compute-bound at the reference ceilings, else 0.
+
+    A layer whose bytes take longer at the copy ceiling than its FLOPs at the matmul ceiling
+    (RGB in/out convs, a 100-channel latent) is reported as memory-bound: flops=0 makes the
+    harness rate it in GB/s against the copy ceiling; callers keep the FLOP count in meta."""
+    c = REFERENCE_CEILINGS
+    return flops if flops / (c["bf16_matmul_TFLOPs"] * 1e12) >= nbytes / (c["copy_GBps"] * 1e9) else 0.0
+
+
 def first_tensor(x: Any) -> torch.Tensor:
     """The main output of a call that may return a tuple."""
     if isinstance(x, (tuple, list)):
