@@ -10,6 +10,8 @@ The loop: each prompt is prefilled on its own (its own cache row, positions from
 no masks), then the batch decodes together, one token per sequence per step, each at its own
 position. The host syncs once per step, to hand the new tokens out (stop checks, streaming).
 A sequence that has finished keeps its slot until the batch ends; its tokens are discarded.
+On CUDA the decode step is replayed from a CUDA graph per batch-size bucket
+(`runtime.cuda_graphs`): the batch is padded to the bucket and the padded rows' logits dropped.
 
 Ending: EOS ids (the config's and the tokenizer's, unless ``ignore_eos``) and ``stop_token_ids``
 end a sequence with finish_reason "stop"; the id is in ``token_ids`` but not in ``text``. A stop
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import load_config
+from .cuda_graphs import DecodeRunner
 from .gpt2 import GPT2
 from .llama import Llama
 from .registry import DEFAULT_MODEL, resolve
@@ -86,10 +89,13 @@ class LLM:
     folder or a ``.gguf`` file. ``device``: default CUDA when available, else CPU. ``dtype``:
     default bfloat16 on CUDA, float32 on CPU. ``backend``: the kernels' backend (None picks
     Triton on CUDA / under TRITON_INTERPRET, torch otherwise; "torch" forces the references).
+    ``cuda_graphs``: replay decode steps from CUDA graphs (`runtime.cuda_graphs`); None turns
+    them on for CUDA with the Triton kernels, False turns them off, True insists (an error
+    elsewhere). ``self.runner`` runs the decode steps.
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, backend: str | None = None):
+                 dtype: torch.dtype | None = None, backend: str | None = None, cuda_graphs: bool | None = None):
         resolved = resolve(model)
         self.name = resolved.name
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -99,6 +105,9 @@ class LLM:
         family = GPT2 if self.config.arch == "gpt2" else Llama
         self.model = family.from_state_dict(self.config, sd, backend=backend)
         del sd
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and backend != "torch"
+        self.runner = DecodeRunner(self.model, graphs=bool(cuda_graphs))
         try:
             self.tokenizer: Tokenizer | None = Tokenizer.load(resolved.path)
         except TokenizerNotFoundError:
@@ -182,7 +191,7 @@ class LLM:
         """The generation loop; yields the sequences after every step (streaming reads them)."""
         t0 = time.perf_counter()
         B, dev, model = len(batch), self.device, self.model
-        model.setup_cache(B, max(len(p) for p in batch) + params.max_tokens)
+        self.runner.setup_cache(B, max(len(p) for p in batch) + params.max_tokens)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         seqs = [_Seq(p, self.tokenizer.detokenizer(skip_special_tokens=True) if self.tokenizer else None,
                      params.stop) for p in batch]
@@ -226,7 +235,7 @@ class LLM:
             yield seqs
             if all(s.finish_reason for s in seqs):
                 return
-            logits = model.decode_one_token(tokens, positions)
+            logits = self.runner.decode(tokens, positions)  # (B, vocab)
             positions += 1
 
     def _completion(self, s: _Seq) -> Completion:
