@@ -101,6 +101,7 @@ class DecodeRunner:
             return self.model.decode_one_token(tok, pos)[:B]
         if n not in self._graphs:
             self._graphs[n] = self._capture(tok, pos)
+            self.captures += 1
         graph, logits = self._graphs[n]
         graph.replay()
         return logits[:B]
@@ -135,5 +136,4 @@ class DecodeRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=side):
             logits = model.decode_one_token(tok, pos)  # (rows, vocab): the static output
-        self.captures += 1
         return graph, logits

@@ -106,6 +106,50 @@ def test_padded_rows_touch_only_position_0_of_spare_rows(folders, kind):
             assert not torch.equal(p[3, 0], o[3, 0])  # the padded row did write there
 
 
+class _ReplayAgain:
+    """Stands in for a CUDA graph on CPU: replay re-runs the step on the tensors it was
+    "captured" with and writes the result into the captured output, as a graph would."""
+
+    def __init__(self, model, tok, pos, out):
+        self.model, self.tok, self.pos, self.out = model, tok, pos, out
+
+    def replay(self):
+        self.out.copy_(self.model.decode_one_token(self.tok, self.pos))
+
+
+class _CPUGraphRunner(DecodeRunner):
+    """DecodeRunner's graph bookkeeping (buckets, static buffers, recapture) without CUDA."""
+
+    def __init__(self, model):
+        super().__init__(model, graphs=False, pad=True)
+        self.graphs = True
+
+    def _capture(self, tok, pos):
+        out = torch.full((tok.shape[0], self.model.config.vocab_size), float("nan"))
+        return _ReplayAgain(self.model, tok, pos, out), out
+
+
+def test_graph_bookkeeping_on_cpu(folders):
+    """With a stand-in graph: one capture per bucket per cache, recapture after the cache is
+    reallocated (longer request, bigger batch), inputs through the static buffers; tokens stay
+    the unpadded ones. The GPU twin is test_recapture_after_the_cache_is_reallocated."""
+    llm = LLM(folders["llama"], device="cpu", backend="torch")
+    runner = _CPUGraphRunner(llm.model)
+    steps = [(PROMPTS[:3], 6, 1), (PROMPTS[:3], 6, 1),  # same bucket, same cache: no capture
+             (PROMPTS[:3], 40, 2),  # longer: new cache, bucket 4 again
+             (PROMPTS[:8], 6, 3),  # more rows: new cache, bucket 8
+             (PROMPTS[:3], 6, 4),  # bucket 4 on the new cache
+             (PROMPTS[:1], 6, 5)]
+    for prompts, n, captures in steps:
+        want = tokens(llm, DecodeRunner(llm.model, graphs=False), prompts, n)
+        cache_before = llm.model.cache
+        assert tokens(llm, runner, prompts, n) == want
+        assert runner.captures == captures, (len(prompts), n)
+        if llm.model.cache is not cache_before:
+            assert runner.captured_buckets() == [bucket(len(prompts))]
+    assert runner.captured_buckets() == [1, 4, 8]
+
+
 def test_decode_needs_a_cache_row_for_every_padded_row(folders):
     llm = LLM(folders["llama"], device="cpu", backend="torch")
     runner = DecodeRunner(llm.model, graphs=False, pad=True)
