@@ -134,6 +134,10 @@ class DecodeRunner:
                 model.decode_one_token(tok, pos)
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=side):
-            logits = model.decode_one_token(tok, pos)  # (rows, vocab): the static output
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                logits = model.decode_one_token(tok, pos)  # (rows, vocab): the static output
+        except RuntimeError as e:  # e.g. an op that syncs the host: say how to run without graphs
+            raise RuntimeError(f"capturing the decode step of {tok.shape[0]} rows in a CUDA graph failed: {e}. "
+                               "LLM(..., cuda_graphs=False) runs it eagerly") from e
         return graph, logits
