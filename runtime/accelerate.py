@@ -1,8 +1,10 @@
 """`accelerate(module)`: the same model with its forward on genfuse kernels.
 
-Scope today: DCGAN-style generators, i.e. stacks of ``ConvTranspose2d`` / ``Conv2d`` /
-``BatchNorm2d`` / ``ReLU`` / ``LeakyReLU`` / ``Tanh`` / ``Sigmoid`` in an ``nn.Sequential`` or
-in modules holding one (the PyTorch tutorial's ``Generator`` keeps ``self.main``).
+A diffusers ``AutoencoderKL`` is handed to `genfuse.runtime.vae` (its ``decode`` on the
+kernels). Everything else goes through the rewrite below, written for DCGAN-style
+generators, i.e. stacks of ``ConvTranspose2d`` / ``Conv2d`` / ``BatchNorm2d`` / ``ReLU`` /
+``LeakyReLU`` / ``Tanh`` / ``Sigmoid`` in an ``nn.Sequential`` or in modules holding one
+(the PyTorch tutorial's ``Generator`` keeps ``self.main``).
 
 How a stack is rewritten, at build time, once:
 
@@ -240,6 +242,8 @@ def accelerate(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module
         module: an ``nn.Sequential`` of ConvTranspose2d / Conv2d / BatchNorm2d / ReLU /
             LeakyReLU / Tanh / Sigmoid, or any module holding such stacks (e.g. a DCGAN
             ``Generator`` with ``self.main``). Any widths, with or without conv bias.
+            A diffusers ``AutoencoderKL`` goes to `genfuse.runtime.vae`: its ``decode()``
+            runs on the kernels (see that module).
         backend: passed to every kernel call (None: Triton on CUDA and under
             ``TRITON_INTERPRET=1``, the torch reference ops otherwise; see `genfuse.kernels`).
 
@@ -252,6 +256,10 @@ def accelerate(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"accelerate() takes an nn.Module, got {type(module).__name__}")
+    from genfuse.runtime import vae  # here, not at the top: vae imports this module
+
+    if vae.is_autoencoder_kl(module):
+        return vae.accelerate_autoencoder_kl(module, backend=backend)
     left: List[str] = []
     model = copy.deepcopy(module)
     if isinstance(model, nn.Sequential):
