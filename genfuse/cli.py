@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_kernels.build_parser(p_bk)
     p_bk.set_defaults(func=_cmd_bench_kernels)
+    from genfuse.bench import images as bench_images
+
+    p_bi = bench_sub.add_parser("images", help="DCGAN faces and the SD 1.5 VAE decode vs torch eager, torch.compile",
+                                description=bench_images.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_images.build_parser(p_bi)
+    p_bi.set_defaults(func=lambda args: bench_images.main(args=args))
     _add_image_parser(sub)
     _add_llm_parsers(sub)
     return parser
