@@ -338,7 +338,6 @@ def build_decoder(dec: nn.Module, backend: str | None = None, left: list[str] | 
     return Decoder(conv_in, mid, ups, norm_out, conv_out)
 
 
-@torch.no_grad()
 def accelerate_autoencoder_kl(vae: nn.Module, *, backend: str | None = None) -> nn.Module:
     """A copy of a diffusers ``AutoencoderKL`` whose ``decode`` runs on genfuse kernels.
 

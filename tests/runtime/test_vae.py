@@ -186,7 +186,7 @@ def test_unsupported_parts_stay_torch_and_are_named_once(monkeypatch):
     monkeypatch.setattr(importlib.import_module("genfuse.kernels.attention"), "MAX_HEAD_DIM", 8)
     with pytest.warns(UserWarning) as record:
         fast = genfuse.accelerate(vae, backend="torch")
-    assert len(record) == 1
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller
     msg = str(record[0].message)
     assert "3 part(s) of the AutoencoderKL decoder left on torch" in msg
     assert "decoder.up_blocks.0.resnets.1 (ResnetBlock2D: activation GELU" in msg
