@@ -76,7 +76,7 @@ SD15_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncod
             "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 512}
 TINY_VAE = {**SD15_VAE, "down_block_types": ("DownEncoderBlock2D",) * 2,
             "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (8, 16),
-            "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 32}
+            "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 16}
 
 
 class NotAvailable(Exception):

@@ -261,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_images.build_parser(p_bi)
     p_bi.set_defaults(func=lambda args: bench_images.main(args=args))
+    from genfuse.bench import generate_bench
+
+    p_bg = bench_sub.add_parser("generate", help="LLM generation vs transformers generate (tokens/s, TTFT, ITL)",
+                                description=generate_bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate_bench.build_parser(p_bg)
+    p_bg.set_defaults(func=lambda args: generate_bench.main(args=args))
     _add_image_parser(sub)
     _add_llm_parsers(sub)
     return parser
