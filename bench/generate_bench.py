@@ -252,6 +252,11 @@ def bench_shape(name: str, shape: dict[str, Any], *, dtype: torch.dtype, device:
         hf, llm = random_weight_pair(shape, dtype, device, folder, backend=backend)
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the weights are loaded; the files can go
+    if compile:
+        # transformers compiles LlamaForCausalLM.forward: one code object for every shape and
+        # batch here, each a recompile; past dynamo's limit (8) it would silently run eager.
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     sync = _sync(torch.device(device))
     gen = torch.Generator().manual_seed(0)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()

@@ -161,7 +161,9 @@ def compile_module(module: nn.Module, args) -> nn.Module:
     """The torch.compile baseline (inductor; dynamo alone in the smoke run, to stay fast)."""
     if args.smoke:
         return torch.compile(module, backend="eager")
-    return torch.compile(module, mode=args.compile_mode)
+    # dynamic=False: each batch size gets kernels specialised to it, as a user compiling for
+    # one batch would (automatic dynamic shapes would switch to symbolic sizes at the second)
+    return torch.compile(module, mode=args.compile_mode, dynamic=False)
 
 
 # --------------------------------------------------------------------------------------

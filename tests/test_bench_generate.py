@@ -74,15 +74,15 @@ def test_random_weight_pair_generates_transformers_tokens(tmp_path):
 
 def test_bench_shape_on_cpu_reports_latencies_and_the_floor(tmp_path):
     r = gb.bench_shape("tiny", TINY, dtype=torch.float32, device="cpu", batches=[1, 3], prompt_tokens=9, tokens=3,
-                       repeats=1, copy_GBps=10.0, compile=False, workdir=str(tmp_path), backend="torch")
+                       repeats=1, copy_GBps=10.0, compile=True, workdir=str(tmp_path), backend="torch")
     assert list(tmp_path.iterdir()) == []  # the random-weight folder is removed once loaded
     assert [b["batch"] for b in r["batches"]] == [1, 3]
     for b in r["batches"]:
-        assert set(b["timings"]) == {gb.GENFUSE, gb.HF_EAGER}
+        assert set(b["timings"]) == {gb.GENFUSE, gb.HF_EAGER, gb.HF_STATIC}  # static: compiled on CUDA only
         for t in b["timings"].values():
             assert t["ttft_ms"] > 0 and t["tokens_per_s"] > 0 and t["total_ms_min"] <= t["total_ms"]
         assert b["token_agreement_vs_eager"] == 1.0  # fp32, same weights: same greedy tokens
-        assert set(b["speedup_tokens_per_s"]) == {gb.HF_EAGER}
+        assert set(b["speedup_tokens_per_s"]) == {gb.HF_EAGER, gb.HF_STATIC}
     f = r["batch1_floor"]
     assert f["ms"] == pytest.approx((f["weight_bytes"] + f["kv_bytes"]) / 10e9 * 1e3)
     assert f["frac_of_floor"] == pytest.approx(f["ms"] / r["batches"][0]["timings"][gb.GENFUSE]["itl_ms"])
