@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import DecoderOutput
 from genfuse.runtime import vae as vae_mod
 from helpers import rel_error
@@ -118,6 +119,28 @@ def test_decode_fp16_is_as_close_as_diffusers_fp16(device):
     assert out.dtype == torch.float16
     err, err_diffusers = rel_error(out, ref), rel_error(theirs, ref)
     assert err < 5e-3 and err <= 2 * err_diffusers + 1e-3, (err, err_diffusers)
+
+
+def test_sd_size_mid_block_attention(device):
+    """The SD VAE's mid-block attention alone: 512 channels, one head of D = 512 (few tokens, for
+    the interpreter). Below a kernel limit of 512 it must be refused, not mis-computed."""
+    attn = Attention(512, heads=1, dim_head=512, rescale_output_factor=1.0, eps=1e-6, norm_num_groups=32,
+                     residual_connection=True, bias=True, upcast_softmax=True,
+                     _from_deprecated_attn_block=True)
+    with torch.no_grad():
+        attn.group_norm.weight.uniform_(0.5, 1.5)
+        attn.group_norm.bias.normal_(0, 0.3)
+    attn = attn.eval().to(device)
+    if getattr(importlib.import_module("genfuse.kernels.attention"), "MAX_HEAD_DIM", 0) < 512:
+        with pytest.raises(vae_mod._Unsupported, match="head dim 512 is above"):
+            vae_mod.AttentionBlock(attn)
+        return
+    block = vae_mod.AttentionBlock(attn)
+    x = torch.randn(2, 512, 3, 5, device=device)
+    with torch.no_grad():
+        ref, out = attn(x), block(x)
+    # the residual x dominates the output: compare what the attention adds to it
+    assert rel_error(out - x, ref - x) < TOL[device]
 
 
 def test_the_rewrite_fuses_what_it_should():
