@@ -1,5 +1,6 @@
 // genfuse._C: host-side hot paths of the runtime (pybind11, C++17, no torch).
-// It holds the paged KV-cache block manager (block_manager.h) and reports its version.
+// It holds the paged KV-cache block manager (block_manager.h), the CPU matmul against GGML
+// block-quantized weights (quant_matmul.h), and reports its version.
 #include <pybind11/pybind11.h>
 
 #ifndef GENFUSE_VERSION
@@ -9,6 +10,7 @@
 namespace py = pybind11;
 
 void register_block_manager(py::module_& m);  // bind_block_manager.cpp
+void register_quant_matmul(py::module_& m);   // bind_quant_matmul.cpp
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "genfuse C++ extension: host-side hot paths of the runtime";
@@ -27,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
         return d;
     }, "Compiler and language standard the extension was built with.");
     register_block_manager(m);
+    register_quant_matmul(m);
 }

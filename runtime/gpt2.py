@@ -16,10 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from genfuse.kernels import attention, layer_norm, linear, paged_attention
+from genfuse.kernels import attention, layer_norm, paged_attention
 
 from .config import ModelConfig
 from .llama import KVCache
+from .quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
+    embedding,
+    linear,
+)
 
 
 @dataclass
@@ -100,7 +104,7 @@ class GPT2:
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row: int | None = None) -> torch.Tensor:
         """Logits of the last position of each sequence ``(B, vocab)`` float32; see `Llama.forward`."""
         c, be = self.config, self.backend
-        h = self.wte[tokens] + self.wpe[positions]  # (B, T, hidden)
+        h = embedding(self.wte, tokens) + embedding(self.wpe, positions)  # (B, T, hidden)
         mlp_out = None
         for i, blk in enumerate(self.blocks):
             if mlp_out is None:

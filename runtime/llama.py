@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from genfuse.kernels import (
     attention,
-    linear,
     paged_attention,
     rms_norm,
     rope_cos_sin,
@@ -40,6 +39,11 @@ from genfuse.kernels import (
 )
 
 from .config import ModelConfig
+from .quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
+    cat_rows,
+    embedding,
+    linear,
+)
 
 # Tokens per cache block. Only the decode kernel's gather sees it; 16 is vLLM's default page.
 BLOCK_SIZE = 16
@@ -158,12 +162,12 @@ class Llama:
             a, m = p + "self_attn.", p + "mlp."
             layers.append(LayerWeights(
                 input_norm=sd[p + "input_layernorm.weight"],
-                w_qkv=torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]]),
+                w_qkv=cat_rows([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]]),
                 b_qkv=cat_opt(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
                 w_o=sd[a + "o_proj.weight"],
                 b_o=sd.get(a + "o_proj.bias"),
                 post_norm=sd[p + "post_attention_layernorm.weight"],
-                w_gate_up=torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]]),
+                w_gate_up=cat_rows([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]]),
                 b_gate_up=cat_opt(m + "gate_proj.bias", m + "up_proj.bias"),
                 w_down=sd[m + "down_proj.weight"],
                 b_down=sd.get(m + "down_proj.bias"),
@@ -219,7 +223,7 @@ class Llama:
         positions 0..T-1); ``row`` None: decode (T = 1, per-sequence positions).
         """
         c, be = self.config, self.backend
-        h = self.embed[tokens]  # (B, T, hidden): the residual stream
+        h = embedding(self.embed, tokens)  # (B, T, hidden): the residual stream
         mlp_out = None
         for i, lw in enumerate(self.layers):
             if mlp_out is None:

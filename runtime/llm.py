@@ -26,11 +26,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from genfuse.kernels._common import resolve_backend
 
 from .config import load_config
 from .cuda_graphs import DecodeRunner
 from .gpt2 import GPT2
 from .llama import Llama
+from .quant import can_pack
 from .registry import DEFAULT_MODEL, resolve
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer, TokenizerNotFoundError
@@ -91,17 +93,29 @@ class LLM:
     Triton on CUDA / under TRITON_INTERPRET, torch otherwise; "torch" forces the references).
     ``cuda_graphs``: replay decode steps from CUDA graphs (`runtime.cuda_graphs`); None turns
     them on for CUDA with the Triton kernels, False turns them off, True insists (an error
-    elsewhere). ``self.runner`` runs the decode steps.
+    elsewhere). ``self.runner`` runs the decode steps. ``keep_quantized``: for a GGUF file,
+    keep its Q4_0 / Q4_1 / Q8_0 matrices in their blocks and multiply with genfuse's C++ CPU
+    kernels (`runtime.quant`: ~5x fewer bytes read per decoded token, float32 sums); None
+    turns it on where it applies (CPU, float32, the torch ops rather than the Triton
+    interpreter), False dequantizes everything to ``dtype`` at load, True insists (an error
+    where it does not apply).
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, backend: str | None = None, cuda_graphs: bool | None = None):
+                 dtype: torch.dtype | None = None, backend: str | None = None, cuda_graphs: bool | None = None,
+                 keep_quantized: bool | None = None):
         resolved = resolve(model)
         self.name = resolved.name
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.config = load_config(resolved.path)
-        sd = load_weights(resolved.path, self.config, dtype=self.dtype, device=self.device)
+        packable = can_pack(self.device, self.dtype, resolve_backend(backend, torch.empty(0, device=self.device)))
+        if keep_quantized and not packable:
+            raise ValueError("keep_quantized=True needs the CPU, float32 and the torch ops (backend='torch', "
+                             f"or None without TRITON_INTERPRET); got {self.device}, {self.dtype}, backend={backend!r}")
+        self.keep_quantized = packable if keep_quantized is None else keep_quantized
+        sd = load_weights(resolved.path, self.config, dtype=self.dtype, device=self.device,
+                          packed=self.keep_quantized)
         family = GPT2 if self.config.arch == "gpt2" else Llama
         self.model = family.from_state_dict(self.config, sd, backend=backend)
         del sd

@@ -122,12 +122,14 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, s
 
 
 def load_weights(path: str | os.PathLike, config: ModelConfig | None = None, *,
-                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 packed: bool = False) -> dict[str, torch.Tensor]:
     """The canonical state dict of a model folder (safetensors) or a .gguf file.
 
     ``dtype=None`` keeps a safetensors file's own dtype and gives float32 for GGUF (quantized
     blocks dequantize to float32; F16/BF16 convert exactly). ``config`` defaults to
-    `load_config(path)`.
+    `load_config(path)`. ``packed=True`` (GGUF, CPU, float32 only; see `runtime.quant`) keeps
+    the Q4_0 / Q4_1 / Q8_0 matrices as `PackedWeight` blocks instead of dequantizing them.
     """
     p = Path(path)
     if config is None:
@@ -136,7 +138,7 @@ def load_weights(path: str | os.PathLike, config: ModelConfig | None = None, *,
         sd = _load_folder(p, config, dtype, device)
         source = str(p)
     elif p.suffix == ".gguf" and p.is_file():
-        sd = _load_gguf(p, config, dtype, device)
+        sd = _load_gguf(p, config, dtype, device, packed)
         source = str(p)
     else:
         raise ValueError(f"{p}: not a model folder or a .gguf file")
@@ -331,8 +333,19 @@ def dequantize_gguf_tensor(t, source: str) -> np.ndarray:
     return np.array(arr.reshape(shape), dtype=np.float32, copy=True)
 
 
-def _load_gguf(path: Path, config: ModelConfig, dtype, device) -> dict[str, torch.Tensor]:
+def _packed_gguf_tensor(t, source: str, packed_weight):
+    """One quantized 2-D `gguf.ReaderTensor` as a PackedWeight (a private copy of its blocks)."""
+    N, K = (int(x) for x in reversed(t.shape.tolist()))
+    data = np.array(t.data, dtype=np.uint8, copy=True)  # (N, row bytes); the mmap is read-only
+    try:
+        return packed_weight(torch.from_numpy(data.reshape(N, -1)), t.tensor_type.name, K)
+    except ValueError as e:
+        raise ValueError(f"{source}: tensor {t.name}: {e}") from e
+
+
+def _load_gguf(path: Path, config: ModelConfig, dtype, device, packed: bool = False) -> dict[str, torch.Tensor]:
     from .gguf_io import open_gguf
+    from .quant import QTYPES, PackedWeight
 
     g = open_gguf(path)
     # llama.cpp permutes q/k only for arch "llama" (Llama, Mistral, SmolLM2); qwen2 uses the
@@ -344,6 +357,14 @@ def _load_gguf(path: Path, config: ModelConfig, dtype, device) -> dict[str, torc
         if canon is None:
             raise ValueError(f"{path}: unexpected tensor {t.name} for a {g.architecture} model")
         if canon == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if packed and t.tensor_type.name in QTYPES and len(t.shape) == 2:
+            w = _packed_gguf_tensor(t, str(path), PackedWeight)
+            if permuted and ".self_attn.q_proj." in canon:
+                w = PackedWeight(unpermute_rotary(w.data, config.num_heads), w.qtype, w.shape[1])
+            elif permuted and ".self_attn.k_proj." in canon:
+                w = PackedWeight(unpermute_rotary(w.data, config.num_kv_heads), w.qtype, w.shape[1])
+            sd[canon] = w
             continue
         w = torch.from_numpy(dequantize_gguf_tensor(t, str(path)))
         if permuted and ".self_attn.q_proj." in canon:

@@ -1,0 +1,100 @@
+// Python bindings of the quantized CPU matmul (quant_matmul.h) as genfuse._C.quant_matmul and
+// genfuse._C.dequantize_rows. They take numpy arrays (a CPU torch tensor's .numpy() is a
+// zero-copy view), check every shape, dtype and layout before touching memory, and release the
+// GIL while they compute.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "quant_matmul.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string shape_of(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+bool c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
+
+void check_2d(const py::array& a, const char* name, char kind, int itemsize, bool writable) {
+    if (a.ndim() != 2)
+        throw py::value_error(std::string(name) + " must be 2-D, got shape " + shape_of(a));
+    if (a.dtype().kind() != kind || a.itemsize() != itemsize)
+        throw py::type_error(std::string(name) + (kind == 'f' ? " must be float32" : " must be uint8") +
+                             ", got " + std::string(py::str(a.dtype())));
+    if (!c_contiguous(a)) throw py::value_error(std::string(name) + " must be C-contiguous");
+    if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+}
+
+// (N, row bytes) of a packed weight of K columns in format `type`; ValueError otherwise.
+int64_t check_weight(const py::array& w, int type, int64_t K) {
+    const int64_t bb = genfuse::block_bytes(type);
+    if (bb == 0)
+        throw py::value_error("unknown quant type " + std::to_string(type) + " (Q4_0=2, Q4_1=3, Q8_0=8)");
+    if (K <= 0 || K % genfuse::kQBlock)
+        throw py::value_error("K must be a positive multiple of 32, got " + std::to_string(K));
+    check_2d(w, "w", 'u', 1, false);
+    if (w.shape(1) != K / genfuse::kQBlock * bb)
+        throw py::value_error("w has " + std::to_string(w.shape(1)) + " bytes a row; K=" + std::to_string(K) +
+                              " in this format needs " + std::to_string(K / genfuse::kQBlock * bb));
+    return w.shape(0);
+}
+
+}  // namespace
+
+void register_quant_matmul(py::module_& m) {
+    m.def("quant_matmul",
+          [](const py::array& x, const py::array& w, int type, py::array& y, int threads, bool portable) {
+              check_2d(x, "x", 'f', 4, false);
+              const int64_t M = x.shape(0), K = x.shape(1);
+              const int64_t N = check_weight(w, type, K);
+              check_2d(y, "y", 'f', 4, true);
+              if (y.shape(0) != M || y.shape(1) != N)
+                  throw py::value_error("y must be (" + std::to_string(M) + ", " + std::to_string(N) + "), got " +
+                                        shape_of(y));
+              const auto* xp = static_cast<const float*>(x.data());
+              const auto* wp = static_cast<const uint8_t*>(w.data());
+              auto* yp = static_cast<float*>(y.mutable_data());
+              py::gil_scoped_release nogil;
+              genfuse::quant_matmul(xp, M, K, wp, N, static_cast<genfuse::QType>(type), yp, threads, portable);
+          },
+          py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("portable") = false,
+          "y (M, N) = x (M, K) @ dequantize(w).T for w (N, K/32 * block bytes) uint8 in GGML format "
+          "`type` (2 Q4_0, 3 Q4_1, 8 Q8_0); x and y float32, C-contiguous. portable=True skips the "
+          "AVX code (for tests).");
+    m.def("dequantize_rows",
+          [](const py::array& w, int type, int64_t K, py::object rows, py::array& out, int threads) {
+              const int64_t N = check_weight(w, type, K);
+              check_2d(out, "out", 'f', 4, true);
+              py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx;
+              const int64_t* rp = nullptr;
+              int64_t count = N;
+              if (!rows.is_none()) {
+                  idx = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(rows);
+                  if (!idx || idx.ndim() != 1) throw py::value_error("rows must be a 1-D array of row indices");
+                  count = idx.shape(0);
+                  rp = idx.data();
+                  for (int64_t i = 0; i < count; ++i)
+                      if (rp[i] < 0 || rp[i] >= N)
+                          throw py::index_error("row " + std::to_string(rp[i]) + " out of range for " +
+                                                std::to_string(N) + " rows");
+              }
+              if (out.shape(0) != count || out.shape(1) != K)
+                  throw py::value_error("out must be (" + std::to_string(count) + ", " + std::to_string(K) +
+                                        "), got " + shape_of(out));
+              const auto* wp = static_cast<const uint8_t*>(w.data());
+              auto* op = static_cast<float*>(out.mutable_data());
+              py::gil_scoped_release nogil;
+              genfuse::dequantize_rows(wp, N, K, static_cast<genfuse::QType>(type), rp, count, op, threads);
+          },
+          py::arg("w"), py::arg("type"), py::arg("K"), py::arg("rows"), py::arg("out"), py::arg("threads") = 1,
+          "out = the float32 rows `rows` (None: all) of the GGML-format weight w, exactly as gguf.quants "
+          "dequantizes them.");
+    m.def("quant_matmul_uses_avx", &genfuse::quant_matmul_uses_avx,
+          "Whether quant_matmul runs its AVX/FMA/F16C code on this CPU (else portable C++).");
+}

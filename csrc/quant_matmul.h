@@ -1,0 +1,44 @@
+// CPU matmul against weights kept in GGML's block formats (Q4_0, Q4_1, Q8_0).
+//
+// y[m, n] = sum_k x[m, k] * W[n, k] with x, y float32 and W stored as llama.cpp stores it:
+// each of the N rows is K / 32 blocks of 32 weights. Decoding a small batch reads every weight
+// once per step, so on a CPU the step is bound by the bytes of W: Q4_1 is 0.625 bytes a weight
+// against fp32's 4. The weights are decoded in registers, never written out, and the sums are
+// float32 throughout; the result equals x @ dequantize(W).T up to float32 summation order.
+//
+// Block layouts (little endian, `d` and `m` IEEE half precision):
+//   Q4_0, 18 bytes: d, 16 bytes of nibbles      w[j] = d * (q[j] - 8)
+//   Q4_1, 20 bytes: d, m, 16 bytes of nibbles   w[j] = d * q[j] + m
+//   Q8_0, 34 bytes: d, 32 int8                   w[j] = d * q[j]
+// where for the 4-bit formats byte i holds q[i] in its low nibble and q[i + 16] in its high one.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace genfuse {
+
+// GGML's type ids, as in gguf.GGMLQuantizationType.
+enum class QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+
+constexpr int64_t kQBlock = 32;  // weights per block, all three formats
+
+// Bytes of one block of `type`; 0 for a type this file does not know.
+int64_t block_bytes(int type);
+
+// y (M, N) = x (M, K) @ W (N, K)^T. K must be a multiple of 32; rows of x and y are contiguous
+// with strides K and N. Runs on `threads` threads (the caller's included); the work is split
+// over the rows of W. Picks AVX/FMA code at run time when the CPU has it, portable C++ else
+// (or always, with `portable`: the tests hold the fast code to it).
+void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, QType type,
+                  float* y, int threads, bool portable = false);
+
+// out (len(rows), K) = the float32 values of W's rows `rows[i]` (all N rows when rows is null,
+// then out is (N, K)). Bitwise what gguf.quants.dequantize computes.
+void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const int64_t* rows,
+                     int64_t n_rows, float* out, int threads);
+
+// Whether the AVX/FMA code path is in use on this CPU.
+bool quant_matmul_uses_avx();
+
+}  // namespace genfuse

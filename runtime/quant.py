@@ -1,0 +1,169 @@
+"""GGUF weights kept in their quantized blocks on the CPU, and the matmul that reads them.
+
+Why: decoding one token reads every weight once, so on a CPU a decode step costs about the
+weights' bytes over the memory bandwidth. SmolLM2-135M dequantized to float32 is 0.54 GB; kept
+as the file ships it (Q4_1 layers, a Q8_0 embedding) it is 0.10 GB. `PackedWeight` holds a
+Q4_0 / Q4_1 / Q8_0 tensor's raw blocks, and `linear` / `embedding` below multiply with it or
+look rows up in it through the C++ kernels of ``genfuse._C`` (csrc/quant_matmul.cpp), which
+decode the blocks in registers and sum in float32. The numbers are those of the dequantized
+float32 weight (exactly what `gguf.quants.dequantize` gives) up to float32 summation order.
+
+The model files call `linear` and `embedding` from here: they pass a `PackedWeight` to the C++
+kernel and anything else on to `genfuse.kernels.linear` / plain indexing, so one model
+definition serves both. Packing is a CPU, float32, torch-backend affair (`can_pack`): on CUDA,
+or when the Triton kernels run under the interpreter, weights are dequantized at load instead.
+"""
+from __future__ import annotations
+
+import torch
+from genfuse.kernels import linear as _kernel_linear
+
+# GGML type ids (gguf.GGMLQuantizationType) and bytes per block of 32 weights.
+QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+BLOCK = 32
+
+# Above this many rows of x a matmul dequantizes the weight once and hands it to torch's GEMM:
+# the packed kernel reads each weight once per 4 rows of x, which only pays for small batches.
+MAX_PACKED_ROWS = 32
+
+
+def _ext():
+    from genfuse import _C
+
+    return _C
+
+
+def can_pack(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
+    """Whether a model on ``device`` in ``dtype`` whose kernels resolve to ``backend`` can keep
+    packed weights: CPU, float32, the torch ops (not the Triton interpreter), and the C++
+    extension present."""
+    if device.type != "cpu" or dtype != torch.float32 or backend != "torch":
+        return False
+    try:
+        _ext().quant_matmul  # noqa: B018 - an extension built before this kernel lacks it
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+class PackedWeight:
+    """An ``(N, K)`` weight as GGML blocks: ``data`` is uint8 ``(N, K // 32 * block bytes)``.
+
+    Rows are independent (each is K / 32 whole blocks), so row gathers (`take_rows`, llama.cpp's
+    q/k un-permutation) and row concatenation (`cat`, the fused QKV weight) work on the bytes.
+    ``dtype`` is the dtype it computes in (float32).
+    """
+
+    __slots__ = ("_data_np", "data", "qtype", "shape")
+    dtype = torch.float32
+
+    def __init__(self, data: torch.Tensor, qtype: str, K: int):
+        if qtype not in QTYPES:
+            raise ValueError(f"unsupported quant type {qtype!r}; supported: {', '.join(QTYPES)}")
+        if K <= 0 or K % BLOCK:
+            raise ValueError(f"{qtype} rows hold whole blocks of {BLOCK}: K={K} is not a multiple")
+        row_bytes = K // BLOCK * BLOCK_BYTES[qtype]
+        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes:
+            raise ValueError(f"{qtype} data for K={K} must be uint8 (N, {row_bytes}), got "
+                             f"{data.dtype} {tuple(data.shape)}")
+        if data.device.type != "cpu":
+            raise ValueError(f"packed weights live on the CPU, got {data.device}")
+        self.data = data.contiguous()
+        self.qtype = qtype
+        self.shape = torch.Size((data.shape[0], K))
+        self._data_np = self.data.numpy()  # the zero-copy view the extension reads
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def __repr__(self) -> str:
+        return f"PackedWeight({self.qtype}, shape={tuple(self.shape)}, {self.nbytes / 2**20:.1f} MiB)"
+
+    def take_rows(self, index: torch.Tensor) -> PackedWeight:
+        """The rows ``index`` (a permutation or a subset), still packed."""
+        return PackedWeight(self.data[index], self.qtype, self.shape[1])
+
+    @staticmethod
+    def cat(weights: list[PackedWeight]) -> PackedWeight:
+        """Row-wise concatenation of packed weights of one format and width."""
+        first = weights[0]
+        if any(w.qtype != first.qtype or w.shape[1] != first.shape[1] for w in weights):
+            raise ValueError("cat needs packed weights of one format and width, got "
+                             + ", ".join(f"{w.qtype} {tuple(w.shape)}" for w in weights))
+        return PackedWeight(torch.cat([w.data for w in weights]), first.qtype, first.shape[1])
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``(N, K)`` (or ``(len(rows), K)``): what `gguf.quants.dequantize` computes."""
+        K = self.shape[1]
+        idx = None if rows is None else rows.reshape(-1).to(torch.int64)
+        out = torch.empty((self.shape[0] if idx is None else idx.numel(), K), dtype=torch.float32)
+        _ext().dequantize_rows(self._data_np, QTYPES[self.qtype], K, None if idx is None else idx.numpy(),
+                               out.numpy(), torch.get_num_threads())
+        return out
+
+
+def cat_rows(weights: list) -> torch.Tensor | PackedWeight:
+    """``torch.cat`` of row blocks, for dense tensors or packed weights (not a mix)."""
+    if all(isinstance(w, PackedWeight) for w in weights):
+        return PackedWeight.cat(weights)
+    if any(isinstance(w, PackedWeight) for w in weights):
+        # e.g. a Q4_1 q_proj next to an F16 v_proj: dequantize the packed ones.
+        weights = [w.dequantize() if isinstance(w, PackedWeight) else w for w in weights]
+    return torch.cat(weights)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activation: str | None = None,
+           residual: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """`genfuse.kernels.linear` for dense weights; for a `PackedWeight`, the C++ matmul plus the
+    same epilogue (bias, activation, residual) in place on its output."""
+    if not isinstance(weight, PackedWeight):
+        return _kernel_linear(x, weight, bias, activation=activation, residual=residual, backend=backend)
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the packed weight {tuple(weight.shape)} takes {K}")
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32 or x2.device.type != "cpu":
+        raise ValueError(f"packed weights multiply float32 CPU inputs, got {x2.dtype} on {x2.device}")
+    if x2.shape[0] > MAX_PACKED_ROWS:  # a long prompt: one dequantization, then torch's GEMM
+        return _kernel_linear(x, weight.dequantize(), bias, activation=activation, residual=residual,
+                              backend="torch")
+    x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], N), dtype=torch.float32)
+    _ext().quant_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), torch.get_num_threads())
+    y = y.view(*x.shape[:-1], N)
+    if bias is not None:
+        y += bias
+    if activation is not None:
+        y = _activation(y, activation)
+    if residual is not None:
+        y += residual
+    return y
+
+
+def _activation(y: torch.Tensor, name: str) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    if name == "relu":
+        return y.relu_()
+    if name == "silu":
+        return F.silu(y, inplace=True)
+    if name == "gelu":
+        return F.gelu(y)
+    if name == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if name == "tanh":
+        return y.tanh_()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def embedding(table, tokens: torch.Tensor) -> torch.Tensor:
+    """``table[tokens]`` for a dense table or a `PackedWeight` (only the looked-up rows are decoded)."""
+    if not isinstance(table, PackedWeight):
+        return table[tokens]
+    return table.dequantize(tokens).view(*tokens.shape, table.shape[1])
