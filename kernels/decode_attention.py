@@ -344,26 +344,31 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, sca
     """Plain torch: gather each sequence's K/V from the pool, explicit bottom-right causal mask.
 
     Same arguments as :func:`paged_attention` (``num_splits`` is ignored). Computes in fp32 for
-    fp16/bf16 inputs, in the input dtype otherwise (float64 in tests).
+    fp16/bf16 inputs, in the input dtype otherwise (float64 in tests). The whole batch at once:
+    every sequence's first ``max(seq_lens)`` cache slots are gathered and slots past its own
+    length are masked; the ``G = Hq / Hkv`` query heads sharing a KV head are stacked as extra
+    query rows (a view of ``q``), so K and V are never copied per query head.
     """
     B, Hq, Tq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    out = torch.empty(B, Hq, Tq, D, dtype=compute, device=q.device)
-    for b, L in enumerate(seq_lens.tolist()):
-        n_blocks = -(-L // block_size)
+    lens = seq_lens.tolist()  # the host needs the longest length: the reference may sync
+    for b, L in enumerate(lens):
         assert Tq <= L <= block_table.shape[1] * block_size, f"seq_lens[{b}] = {L} out of range"
-        blocks = block_table[b, :n_blocks].long()
-        k = k_cache[blocks].reshape(n_blocks * block_size, Hkv, D)[:L].to(compute)  # (L, Hkv, D)
-        v = v_cache[blocks].reshape(n_blocks * block_size, Hkv, D)[:L].to(compute)
-        k = k.permute(1, 0, 2).repeat_interleave(G, dim=0)  # (Hq, L, D)
-        v = v.permute(1, 0, 2).repeat_interleave(G, dim=0)
-        scores = scale * (q[b].to(compute) @ k.transpose(1, 2))  # (Hq, Tq, L)
-        t = torch.arange(Tq, device=q.device)[:, None]
-        j = torch.arange(L, device=q.device)[None, :]
-        visible = j <= L - Tq + t  # (Tq, L)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        out[b] = torch.softmax(scores, dim=-1) @ v  # (Hq, Tq, D)
-    return out.to(q.dtype)
+    L = max(lens)
+    n_blocks = -(-L // block_size)
+    blocks = block_table[:, :n_blocks].long()  # (B, n_blocks)
+    used = torch.arange(n_blocks, device=q.device) * block_size < seq_lens.view(B, 1)
+    blocks = blocks.where(used, 0)  # entries past a sequence's length may be garbage: never read them
+    k = k_cache[blocks].reshape(B, n_blocks * block_size, Hkv, D)[:, :L].to(compute)  # (B, L, Hkv, D)
+    v = v_cache[blocks].reshape(B, n_blocks * block_size, Hkv, D)[:, :L].to(compute)
+    qg = q.to(compute).reshape(B, Hkv, G * Tq, D)  # query head h = kv * G + g
+    scores = scale * (qg @ k.permute(0, 2, 3, 1))  # (B, Hkv, G * Tq, L)
+    t = torch.arange(Tq, device=q.device).view(1, Tq, 1)
+    j = torch.arange(L, device=q.device).view(1, 1, L)
+    visible = j <= seq_lens.view(B, 1, 1) - Tq + t  # (B, Tq, L)
+    scores = scores.view(B, Hkv, G, Tq, L).masked_fill(~visible[:, None, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1).view(B, Hkv, G * Tq, L) @ v.transpose(1, 2)  # (B, Hkv, G * Tq, D)
+    return out.view(B, Hq, Tq, D).to(q.dtype)
