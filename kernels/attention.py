@@ -17,6 +17,21 @@ Conventions:
   work in the hot loop), then the blocks on the causal diagonal and/or the ragged last
   block (key index >= S) with the mask applied. Causal tiles stop at the last key block any
   of their rows can see, so fully-masked blocks cost nothing.
+
+Head dims 257..512 (the VAE mid-block: one 512-wide head over 4096 tokens) split the output
+columns: a program owns BLOCK_DV (128 or 256) of them for its query tile, grid axis 0 counting
+query tiles times ceil(D / BLOCK_DV) chunks. Each program still computes the full-width scores
+q @ K^T (its q tile, BLOCK_M x 512, sits in shared memory as the operand of the dot, like the
+K tiles) and so redoes the softmax of its query tile: the chunked accumulator (BLOCK_M x
+BLOCK_DV fp32) is what fits in registers, not the q tile. The price is recomputed scores:
+with 256-wide chunks a 512 head does 1.5x the FLOPs of one pass (2 x 2D for q.k, 2D for p.v),
+with 128-wide ones 2.5x. The gain besides fitting: the VAE's B * H = 1 gives only
+4096 / 64 = 64 query tiles, half an H100's 132 SMs; two chunks make 128 programs. One
+program per query tile (BLOCK_DV = 512) would need the whole 512-wide fp32 accumulator in
+registers (128 per thread at 64 rows on 8 warps, beside the score tile): in the sm_90 compile
+check such tiles spilled in every config under triton 3.6 and in all but 64x16 on 8 warps
+under 3.9. A single loop, masked throughout, covers all keys here (see the kernel: triton 3.6
+gives a second loop its own K/V buffers).
 """
 from __future__ import annotations
 
@@ -29,18 +44,20 @@ import triton.language as tl
 
 from . import _common
 
-# Head dims are padded to a power of two (masked loads); above 256 the q tile and the fp32
-# accumulator (BLOCK_M x 512) no longer fit next to K/V tiles. A later issue tiles D.
-MAX_HEAD_DIM = 256
+# Head dims are padded to a power of two (masked loads). Up to 256 one program owns all D
+# columns of its query tile; above, the q tile and an fp32 BLOCK_M x 512 accumulator no longer
+# fit next to the K/V tiles, so the output columns are split over programs (module docstring).
+MAX_HEAD_DIM = 512
+_MAX_UNSPLIT_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attn_inner(
     acc, l_i, m_i, q,
-    kt_ptrs, v_ptrs,                # K^T (BLOCK_D, BLOCK_N) and V (BLOCK_N, BLOCK_D) tiles at key lo
+    kt_ptrs, v_ptrs,                # K^T (BLOCK_D, BLOCK_N) and V (BLOCK_N, BLOCK_DV) tiles at key lo
     stride_kn, stride_vn,
-    offs_m, offs_d, lo, hi, S, diag, qk_scale,
+    offs_m, offs_d, offs_dv, lo, hi, S, diag, qk_scale,
     HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr,           # apply the key-range / causal mask (edge blocks only)
     IS_CAUSAL: tl.constexpr,
@@ -49,6 +66,7 @@ def _attn_inner(
 ):
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM      # the V columns this program outputs (d_ok unless D is split)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -58,14 +76,14 @@ def _attn_inner(
                 v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
             else:
                 kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         else:
             if EVEN_D:
                 kt = tl.load(kt_ptrs)
                 v = tl.load(v_ptrs)
             else:
                 kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=dv_ok[None, :], other=0.0)
         qk = tl.dot(q, kt) * qk_scale               # (BLOCK_M, BLOCK_N) fp32, log2 units
         if MASKED:
             keep = n_ok[None, :]
@@ -115,8 +133,18 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,          # next_power_of_2(D), at least 16 (tl.dot's minimum)
+    # Output columns per program: BLOCK_D (one program per query tile, D <= 256), or a chunk
+    # of it (D > 256): then axis 0 also counts the ceil(D / BLOCK_DV) chunks, see _split_configs.
+    BLOCK_DV: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
+    if BLOCK_DV == BLOCK_D:
+        start_m = tl.program_id(0)
+        dv0 = 0
+    else:
+        # The chunks of one query tile are neighbours on axis 0, so they run together and
+        # share their q and K/V reads in L2.
+        start_m = tl.program_id(0) // ((HEAD_DIM + BLOCK_DV - 1) // BLOCK_DV)
+        dv0 = (tl.program_id(0) % ((HEAD_DIM + BLOCK_DV - 1) // BLOCK_DV)) * BLOCK_DV
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     off_hkv = off_h // GROUP        # GQA: query heads [g*GROUP, (g+1)*GROUP) share kv head g
@@ -130,18 +158,19 @@ def _attn_fwd_kernel(
 
     offs_i = tl.arange(0, BLOCK_M)          # row within the tile
     offs_m = m0 + offs_i                    # query index
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)          # head dim of q and K (the scores use all of it)
+    offs_dv = dv0 + tl.arange(0, BLOCK_DV)  # head dim of V and out that this program writes
     m_ok = offs_m < T
-    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM
     q_ptrs = q_base + offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd
     if EVEN_D:
         q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
     else:
-        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # Key range [0, hi) this tile can see, and its prefix [0, full) that every row of the tile
     # sees whole (rounded down to a block): bottom-right causal means row i sees j <= i + diag.
@@ -158,26 +187,33 @@ def _attn_fwd_kernel(
     # The masked stage starts where the unmasked one left its pointers (key `full`).
     offs_n = tl.arange(0, BLOCK_N)
     kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if BLOCK_DV == BLOCK_D:
+        acc, l_i, m_i, kt_ptrs, v_ptrs = _attn_inner(
+            acc, l_i, m_i, q, kt_ptrs, v_ptrs, stride_kn, stride_vn,
+            offs_m, offs_d, offs_dv, 0, full, S, diag, qk_scale, HEAD_DIM, False, IS_CAUSAL, EVEN_D, BLOCK_N)
+    else:
+        # Split D: one masked loop over all keys. The mask is a few integer ops per score next
+        # to a >= 257-long dot product, and a second loop would get its own K/V stage buffers
+        # under triton 3.6 (a 512 x BLOCK_N K tile each), which no fp32 tile could afford.
+        full = 0
     acc, l_i, m_i, kt_ptrs, v_ptrs = _attn_inner(
         acc, l_i, m_i, q, kt_ptrs, v_ptrs, stride_kn, stride_vn,
-        offs_m, offs_d, 0, full, S, diag, qk_scale, HEAD_DIM, False, IS_CAUSAL, EVEN_D, BLOCK_N)
-    acc, l_i, m_i, kt_ptrs, v_ptrs = _attn_inner(
-        acc, l_i, m_i, q, kt_ptrs, v_ptrs, stride_kn, stride_vn,
-        offs_m, offs_d, full, hi, S, diag, qk_scale, HEAD_DIM, True, IS_CAUSAL, EVEN_D, BLOCK_N)
+        offs_m, offs_d, offs_dv, full, hi, S, diag, qk_scale, HEAD_DIM, True, IS_CAUSAL, EVEN_D, BLOCK_N)
 
     # Rows that saw no key (causal, T > S) have l = 0: output 0 and lse = -inf, not NaN.
     seen = l_i > 0.0
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     out = acc * inv_l[:, None]
-    o_ptrs = o_base + offs_i[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_ptrs = o_base + offs_i[:, None] * stride_ot + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     if RETURN_LSE:
         # back from log2 units to natural log: lse = ln(2) * (m + log2(l))
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         lse_base = lse_ptr + (off_b.to(tl.int64) * Hq + off_h) * T
-        tl.store(lse_base + offs_m, lse, mask=m_ok)
+        if dv0 == 0:  # split D: every chunk computed the same lse, the first one writes it
+            tl.store(lse_base + offs_m, lse, mask=m_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -187,6 +223,15 @@ def _configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+    ]
+
+
+def _split_configs():
+    """Head dims 257..512: the output columns are split over BLOCK_DV-wide chunks (see the
+    module docstring), each chunk's program recomputing the full-width scores."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DV": dv}, num_warps=w, num_stages=s)
+        for bm in (64, 128) for bn in (16, 32) for dv in (128, 256) for w in (4, 8) for s in (2, 3, 4)
     ]
 
 
@@ -219,12 +264,23 @@ def _prune_configs(configs, named_args, **kwargs):
       registers, no stack; one 128 config, D=128 64x128 on 4 warps, spills ~50 bytes and is
       left to the autotuner), fp32 (tf32) tiles spill from 96 (D=128 64x64 on 4 warps);
     * a 128-row tile on a query of <= 64 rows would be at least half padding.
+
+    Split head dims (D > 256, ``BLOCK_DV`` < ``BLOCK_D`` in the config) follow the same two
+    rules with the V tile and the accumulator BLOCK_DV wide, measured on every config of
+    ``_split_configs`` for D=512, fp16 and fp32, under triton 3.6 and 3.9. Their single key
+    loop makes 3.6 allocate exactly the shared memory 3.9 does (no extra K/V buffers). 16-bit
+    tiles spill at 144 values per thread there (64x32 with 256-wide chunks and 128x16 with
+    128-wide ones, both on 4 warps, under 3.9), so the limit is 136 (64x16/256-wide on 4
+    warps: 246 registers, no stack); fp32 tiles at 68 (64x16/256-wide on 8 warps) spilled 8
+    bytes at D=512 and 88 at D=320 under 3.9, so the fp32 limit is 64, which with the shared
+    memory leaves 64x16/128-wide on 8 warps (also the fallback).
     """
     q = named_args["q_ptr"]
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     t = named_args["T"]
     elem = q.element_size()
     limit = 144 if elem == 2 else 80
+    split_limit = 136 if elem == 2 else 64
     try:
         smem_limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
     except Exception:  # pragma: no cover - older torch / not a CUDA tensor
@@ -232,16 +288,23 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if elem * (bm * block_d + (c.num_stages + _EXTRA_KV_BUFFERS) * 2 * bn * block_d) > smem_limit:
+        block_dv = c.kwargs.get("BLOCK_DV", block_d)
+        kv_buffers = c.num_stages + (_EXTRA_KV_BUFFERS if block_dv == block_d else 0)
+        if elem * (bm * block_d + kv_buffers * bn * (block_d + block_dv)) > smem_limit:
             continue
-        if bm * (block_d + bn) > limit * 32 * c.num_warps:
+        if bm * (block_dv + bn) > (limit if block_dv == block_d else split_limit) * 32 * c.num_warps:
             continue
         if bm == 128 and t <= 64:
             continue
         kept.append(c)
-    # Always something to run: this tile fits every head dim <= 256 in any dtype, without
-    # spills, on triton 3.6 and 3.9 (fp32 D=256: 160 / 128 KiB of shared memory).
-    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2)]
+    # Always something to run: these tiles fit every head dim <= 256 (and 257..512, in
+    # 128-wide chunks) in any dtype, without spills, on triton 3.6 and 3.9 (fp32 D=256: 160 /
+    # 128 KiB of shared memory; fp32 D=512: 208 KiB).
+    if kept:
+        return kept
+    if block_d > _MAX_UNSPLIT_HEAD_DIM:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_DV": 128}, num_warps=8, num_stages=2)]
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2)]
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -250,10 +313,19 @@ _attn_fwd_tuned = triton.autotune(
     key=["HEAD_DIM", "IS_CAUSAL", "T_BUCKET", "S_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd_kernel)
+# The same kernel for D > 256, where BLOCK_DV (the output chunk) is tuned too.
+_attn_fwd_split_tuned = triton.autotune(
+    configs=_split_configs(),
+    key=["HEAD_DIM", "IS_CAUSAL", "T_BUCKET", "S_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_attn_fwd_kernel)
 
 # The interpreter runs numpy per block: fewer, larger blocks are faster there, and 32 keeps
 # awkward shapes (217, primes) exercising the ragged-block masks.
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4}
+# D > 256: 128-wide output chunks, so D=512 runs 4 chunk programs per query tile and D=300
+# three (the last one ragged): the tests see several chunks and a partial one.
+_INTERPRET_SPLIT_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_DV": 128, "num_warps": 4}
 
 
 def _bucket(n: int) -> int:
@@ -316,8 +388,9 @@ def attention(
         q: ``(B, Hq, T, D)``; k, v: ``(B, Hkv, S, D)`` with ``Hq % Hkv == 0`` (GQA/MQA:
         query head ``h`` attends with kv head ``h // (Hq // Hkv)``). Any strides: q/k/v may
         be views of one packed QKV projection, read in place. ``T >= 0``, ``S >= 1``,
-        ``1 <= D <= 256`` (other head dims than 16..256 powers of two are padded to the next
-        power of two, at least 16, and masked).
+        ``1 <= D <= 512`` (other head dims than 16..512 powers of two are padded to the next
+        power of two, at least 16, and masked; above 256 the output columns are split over
+        programs that each recompute the scores, see the module docstring).
         returns out ``(B, Hq, T, D)`` contiguous, in q's dtype; with ``return_lse=True``
         ``(out, lse)`` where lse ``(B, Hq, T)`` float32 is ``logsumexp_j(scale * q_i . k_j)``
         over the visible keys (natural log).
@@ -349,14 +422,23 @@ def attention(
     )
     meta = dict(IS_CAUSAL=bool(causal), RETURN_LSE=bool(return_lse), HEAD_DIM=d,
                 EVEN_D=(d == block_d), BLOCK_D=block_d)
-    if _common.INTERPRET:
-        cfg = _INTERPRET_CONFIG
-        grid = (triton.cdiv(t, cfg["BLOCK_M"]), hq, b)
-        _attn_fwd_kernel[grid](*args, **meta, **cfg)
-    else:
-        # Heads and batch on grid axes 1 and 2 (each <= 65535) rather than B * Hq on one axis.
+    # Heads and batch on grid axes 1 and 2 (each <= 65535) rather than B * Hq on one axis;
+    # axis 0 counts query tiles, times the output-column chunks when D is split.
+    if d <= _MAX_UNSPLIT_HEAD_DIM:
+        meta["BLOCK_DV"] = block_d
         grid = lambda META: (triton.cdiv(t, META["BLOCK_M"]), hq, b)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, **meta)
+        tuned = _attn_fwd_tuned
+        interp = _INTERPRET_CONFIG
+    else:
+        grid = lambda META: (  # noqa: E731
+            triton.cdiv(t, META["BLOCK_M"]) * triton.cdiv(d, META["BLOCK_DV"]), hq, b)
+        tuned = _attn_fwd_split_tuned
+        interp = _INTERPRET_SPLIT_CONFIG
+    if _common.INTERPRET:
+        cfg = dict(interp, **meta)
+        _attn_fwd_kernel[grid(cfg)](*args, **cfg)
+    else:
+        tuned[grid](*args, **meta)
     return (out, lse) if return_lse else out
 
 
