@@ -2,7 +2,10 @@
 
 Compute-bound: ``flops`` counts the two matmuls, 4 * D FLOPs per visible (query, key) pair
 per head (2 * D for q.k, 2 * D for p.v); causal counts only the visible pairs (about half). Full shapes hold about 16k tokens per call (B * T) with 16 query heads,
-head dims 64 and 128, and one GQA case (16 query / 4 kv heads).
+head dims 64 and 128, and one GQA case (16 query / 4 kv heads). One more is the Stable
+Diffusion 1.5 VAE's mid-block attention (AutoencoderKL, 512x512 images): a single head of
+dimension 512 over the 64 x 64 = 4096 latent pixels, non-causal. FLOPs count the useful work
+only: above head dim 256 genfuse recomputes the scores per output chunk (1.5x to 2.5x that).
 
 Baselines are what a user runs instead: torch SDPA restricted to its FlashAttention-2
 backend, plain SDPA (whatever backend torch picks, e.g. cuDNN on H100), and
@@ -34,12 +37,14 @@ _FULL = [
     (4, 16, 16, 4096, 128, True),
     (1, 16, 16, 16384, 128, True),
     (4, 16, 4, 4096, 128, True),     # GQA 4:1
+    (1, 1, 1, 4096, 512, False),     # SD 1.5 VAE mid-block (one head, D = 512 split over programs)
 ]
 # (B, Hq, Hkv, T, S, D, causal): tiny, includes T != S (bottom-right mask) and GQA
 _SMOKE = [
     (1, 2, 2, 40, 40, 32, False),
     (1, 2, 2, 40, 40, 32, True),
     (2, 4, 2, 24, 40, 64, True),
+    (1, 1, 1, 40, 40, 320, False),   # head dim > 256: the split-D path
 ]
 
 
@@ -98,8 +103,9 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
             if mask is None and _runs(flash_sdpa):
                 baselines["sdpa_flash"] = flash_sdpa
             baselines["sdpa"] = lambda q=q, k=k, v=v, c=causal, m=mask, g=gqa: _sdpa(q, k, v, c, m, g)
-            if flash_attn_func is not None and dtype != torch.float32:
-                # flash-attn wants (B, T, H, D); its causal mask is bottom-right like ours.
+            if flash_attn_func is not None and dtype != torch.float32 and d <= 256:
+                # flash-attn wants (B, T, H, D); its causal mask is bottom-right like ours. It
+                # stops at head dim 256.
                 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
                 baselines["flash_attn"] = (
                     lambda qt=qt, kt=kt, vt=vt, c=causal: flash_attn_func(qt, kt, vt, causal=c).transpose(1, 2))

@@ -27,6 +27,9 @@ Last run (2026-11-24, CPU-only machine, default cases): triton 3.6.0 and 3.9.0 e
 the versions: attention under 3.6 takes up to two more K/V stage buffers of shared memory
 (the pruning rule now allows for it) and reaches 255 registers with spills in 37 of its 46
 cases (5 of 46 under 3.9). Run the script under the Triton you deploy with.
+Attention alone after head dims 257..512 (44 split-D cases added): 90/90 under each version,
+none over the limit; the split cases spill under neither (the spilling ones are the D <= 256
+cases above, unchanged).
 
 ``TRITON_INTERPRET`` must be unset (or 0): with it the kernels are interpreter functions
 and cannot be compiled.
@@ -140,6 +143,7 @@ def attention_cases(mod, n_tuned: int) -> List[Case]:
 
     def case(dt, d, causal, lse, meta, warps, stages, tag):
         block_d = max(16, triton.next_power_of_2(d))
+        const_dv = {} if "BLOCK_DV" in meta else {"BLOCK_DV": block_d}  # D <= 256: one chunk
         qs = _contig((B, Hq, T, d))
         ks = _contig((B, Hkv, S, d))
         args = dict(q_ptr=Ptr(dt), k_ptr=Ptr(dt), v_ptr=Ptr(dt), o_ptr=Ptr(dt),
@@ -151,7 +155,7 @@ def attention_cases(mod, n_tuned: int) -> List[Case]:
                     stride_ob=qs[0], stride_oh=qs[1], stride_ot=qs[2],
                     T_BUCKET=mod._bucket(T), S_BUCKET=mod._bucket(S))
         const = dict(IS_CAUSAL=causal, RETURN_LSE=lse, HEAD_DIM=d, EVEN_D=d == block_d,
-                     BLOCK_D=block_d, **meta)
+                     BLOCK_D=block_d, **const_dv, **meta)
         label = f"{DTYPES[dt]} D{d} causal={int(causal)} lse={int(lse)} {tag} {_cfg_label(meta, warps, stages)}"
         return Case("attention", "_attn_fwd_kernel", label, args, const, warps, stages)
 
@@ -167,6 +171,20 @@ def attention_cases(mod, n_tuned: int) -> List[Case]:
             kept = mod._prune_configs(mod._configs(), {"q_ptr": _empty(dt), "T": T}, BLOCK_D=block_d)
             for c in _spread(kept, n_tuned):
                 cases.append(case(dt, d, True, False, dict(c.kwargs), c.num_warps, c.num_stages, "tuned"))
+    # D > 256 splits the output columns over programs (BLOCK_DV): every mode at the
+    # interpreter's chunking, then the split configs the pruning keeps: all of them for the
+    # VAE's D=512 in fp16 and fp32 (bf16 compiles like fp16), a spread for a padded D=320.
+    split_interp = dict(mod._INTERPRET_SPLIT_CONFIG)
+    sw = split_interp.pop("num_warps", 4)
+    for dt in FLOAT_DTYPES:  # 2 stages: at 3, fp32 32x32 tiles of D=300 ask 233984 bytes (SMEM!)
+        for causal, lse in ((False, False), (True, True)):
+            cases.append(case(dt, 300, causal, lse, split_interp, sw, 2, "interp"))
+    for dt in FLOAT_DTYPES:
+        kept = mod._prune_configs(mod._split_configs(), {"q_ptr": _empty(dt), "T": T}, BLOCK_D=512)
+        for d, causal in ((512, False), (320, True)):
+            every = d == 512 and dt != torch.bfloat16
+            for c in (kept if every else _spread(kept, n_tuned)):
+                cases.append(case(dt, d, causal, False, dict(c.kwargs), c.num_warps, c.num_stages, "tuned"))
     return cases
 
 
