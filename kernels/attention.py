@@ -228,7 +228,12 @@ def _configs():
 
 def _split_configs():
     """Head dims 257..512: the output columns are split over BLOCK_DV-wide chunks (see the
-    module docstring), each chunk's program recomputing the full-width scores."""
+    module docstring), each chunk's program recomputing the full-width scores.
+
+    Key tiles stay at 16 or 32 rows: a K tile is 512 wide, so 64 rows cost 64 KiB (fp16) per
+    stage, and such tiles spilled or overflowed shared memory in all but one sm_90 compile
+    tried. 128-wide chunks give 4 programs per query tile of D=512 (occupancy for small
+    B * H) at 2.5x the useful FLOPs, 256-wide ones 2 at 1.5x: the autotuner picks."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DV": dv}, num_warps=w, num_stages=s)
         for bm in (64, 128) for bn in (16, 32) for dv in (128, 256) for w in (4, 8) for s in (2, 3, 4)
