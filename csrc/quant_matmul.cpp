@@ -10,8 +10,9 @@
 // (Q4_0 and Q8_0 are read the same way, with an offset: see rows_avx).
 //
 // Threads: a small persistent pool (workers spin briefly, then sleep on a condition variable),
-// so that a decode step's ~120 calls do not each pay for starting threads. Work is split over
-// the rows of W; the calling thread takes a share too and the GIL is released by the binding.
+// so that a decode step's ~120 calls do not each pay for starting threads. Work is chunks of
+// rows of W claimed from a shared counter by the calling thread and the workers alike, so a
+// busy machine that descheduled a worker slows nothing down. The binding releases the GIL.
 #include "quant_matmul.h"
 
 #include <algorithm>
@@ -229,79 +230,91 @@ void rows_any(const Problem& p, int64_t n0, int64_t n1, bool portable) {
 
 // ------------------------------------------------------------------ the thread pool
 
+inline void cpu_relax() {
+#ifdef GENFUSE_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+}
+
 class Pool {
 public:
-    // Runs fn(part) for part in [0, parts): part 0 on the caller, the others on workers.
-    void run(int parts, const std::function<void(int)>& fn) {
-        if (parts <= 1) {
-            fn(0);
+    // Runs fn(chunk) for every chunk in [0, chunks), on the calling thread and up to `helpers`
+    // workers. Chunks are claimed one at a time from a shared counter, so a worker that wakes
+    // late (descheduled on a busy machine) costs nothing: the caller simply does more chunks.
+    // The caller only ever waits for chunks a worker has already claimed.
+    void run(int chunks, int helpers, const std::function<void(int)>& fn) {
+        if (helpers <= 0 || chunks <= 1) {
+            for (int c = 0; c < chunks; ++c) fn(c);
             return;
         }
         std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time across Python threads
-        grow(parts - 1);
+        grow(helpers);
+        uint32_t gen;
         {
             std::lock_guard<std::mutex> lk(mu_);
+            gen = ++gen_;
             job_ = &fn;
-            active_ = parts - 1;
-            remaining_.store(parts - 1, std::memory_order_relaxed);
-            generation_.fetch_add(1, std::memory_order_release);
+            chunks_ = chunks;
+            helpers_ = helpers;
+            done_.store(0, std::memory_order_relaxed);
+            state_.store(static_cast<uint64_t>(gen) << 32, std::memory_order_release);
+            wake_.fetch_add(1, std::memory_order_release);
         }
         cv_.notify_all();
-        fn(0);
-        while (remaining_.load(std::memory_order_acquire) != 0) {
-#ifdef GENFUSE_X86
-            _mm_pause();
-#else
-            std::this_thread::yield();
-#endif
+        work(gen, chunks, fn);
+        for (int spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) {
+            if (spins & 63) cpu_relax();
+            else std::this_thread::yield();  // let a descheduled worker finish its chunk
         }
-    }
-
-    ~Pool() {
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            stop_ = true;
-            generation_.fetch_add(1, std::memory_order_release);
-        }
-        cv_.notify_all();
-        for (auto& t : workers_) t.join();
     }
 
 private:
+    // Claims the next chunk of job `gen`; -1 once they are all claimed or a newer job started.
+    int claim(uint32_t gen, int chunks) {
+        uint64_t s = state_.load(std::memory_order_acquire);
+        for (;;) {
+            if (static_cast<uint32_t>(s >> 32) != gen || static_cast<int>(s & 0xffffffffu) >= chunks) return -1;
+            if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) return static_cast<int>(s & 0xffffffffu);
+        }
+    }
+
+    void work(uint32_t gen, int chunks, const std::function<void(int)>& fn) {
+        for (int c; (c = claim(gen, chunks)) >= 0;) {
+            fn(c);
+            done_.fetch_add(1, std::memory_order_acq_rel);
+        }
+    }
+
     void grow(int n) {
         while (static_cast<int>(workers_.size()) < n) {
-            // The generation is read here, before run() bumps it: read by the new thread itself,
-            // it could already be the bumped one, and the job would never be seen.
+            // The wake count is read here, before run() bumps it: read by the new thread itself,
+            // it could already be the bumped one, and that job would never be seen.
             const int id = static_cast<int>(workers_.size()) + 1;
-            const uint64_t seen = generation_.load(std::memory_order_acquire);
+            const uint64_t seen = wake_.load(std::memory_order_acquire);
             workers_.emplace_back([this, id, seen] { loop(id, seen); });
         }
     }
 
     void loop(int id, uint64_t seen) {
         for (;;) {
-            // Spin for a few microseconds first: the next matmul of a decode step is that close.
-            for (int i = 0; i < 20000 && generation_.load(std::memory_order_acquire) == seen; ++i) {
-#ifdef GENFUSE_X86
-                _mm_pause();
-#else
-                std::this_thread::yield();
-#endif
-            }
+            // Spin a little first: a decode step's next matmul comes within microseconds.
+            for (int i = 0; i < 2000 && wake_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
             const std::function<void(int)>* job;
-            int active;
+            uint32_t gen;
+            int chunks, helpers;
             {
                 std::unique_lock<std::mutex> lk(mu_);
-                cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-                seen = generation_.load(std::memory_order_acquire);
+                cv_.wait(lk, [&] { return wake_.load(std::memory_order_acquire) != seen; });
+                seen = wake_.load(std::memory_order_acquire);
                 if (stop_) return;
                 job = job_;
-                active = active_;
+                gen = gen_;
+                chunks = chunks_;
+                helpers = helpers_;
             }
-            if (id <= active) {
-                (*job)(id);
-                remaining_.fetch_sub(1, std::memory_order_acq_rel);
-            }
+            if (id <= helpers) work(gen, chunks, *job);  // claims nothing if that job is over
         }
     }
 
@@ -309,10 +322,12 @@ private:
     std::condition_variable cv_;
     std::vector<std::thread> workers_;
     const std::function<void(int)>* job_ = nullptr;
-    int active_ = 0;
-    bool stop_ = false;
-    std::atomic<uint64_t> generation_{0};
-    std::atomic<int> remaining_{0};
+    uint32_t gen_ = 0;
+    int chunks_ = 0, helpers_ = 0;
+    bool stop_ = false;                  // never set: the pool lives as long as the process
+    std::atomic<uint64_t> wake_{0};      // bumped once per job: what sleeping workers wait on
+    std::atomic<uint64_t> state_{0};     // (job generation << 32) | next unclaimed chunk
+    std::atomic<int> done_{0};           // chunks of the current job finished
 };
 
 Pool& pool() {
@@ -329,14 +344,12 @@ Pool& pool() {
     return *p;
 }
 
-// Splits [0, n) into `parts` ranges aligned to `align`.
-void split(int64_t n, int parts, int part, int64_t align, int64_t* lo, int64_t* hi) {
-    const int64_t chunks = (n + align - 1) / align;
-    const int64_t per = chunks / parts, extra = chunks % parts;
-    const int64_t c0 = part * per + std::min<int64_t>(part, extra);
-    const int64_t c1 = c0 + per + (part < extra ? 1 : 0);
-    *lo = std::min(n, c0 * align);
-    *hi = std::min(n, c1 * align);
+// Chunks of `align`-multiples for `threads` threads: about 8 per thread, so that a late thread
+// costs at most a chunk or so; below ~64k weights a matmul is not worth a second thread.
+int64_t chunk_size(int64_t n, int64_t weights_per_item, int threads, int64_t align) {
+    if (threads <= 1 || n * weights_per_item < 65536) return n;
+    const int64_t per = (n + threads * 8 - 1) / (threads * 8);
+    return std::max(align, (per + align - 1) / align * align);
 }
 
 }  // namespace
@@ -358,12 +371,10 @@ void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
             }
         p.xsum = xsum.data();
     }
-    // Below ~64k weights a row split is not worth waking a thread for.
-    const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N * K / 65536)));
-    pool().run(parts, [&](int part) {
-        int64_t n0, n1;
-        split(N, parts, part, 8, &n0, &n1);
-        if (n0 < n1) rows_any(p, n0, n1, portable);
+    const int64_t rows = std::max<int64_t>(1, chunk_size(N, K, threads, 8));
+    const int chunks = static_cast<int>((N + rows - 1) / rows);
+    pool().run(chunks, std::min(threads, chunks) - 1, [&](int c) {
+        rows_any(p, c * rows, std::min(N, (c + 1) * rows), portable);
     });
 }
 
@@ -371,11 +382,10 @@ void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const i
                      int64_t n_rows, float* out, int threads) {
     const int64_t nb = K / kQBlock, bb = block_bytes(static_cast<int>(type));
     const int64_t count = rows ? n_rows : N;
-    const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, count * K / 65536)));
-    pool().run(parts, [&](int part) {
-        int64_t i0, i1;
-        split(count, parts, part, 1, &i0, &i1);
-        for (int64_t i = i0; i < i1; ++i) {
+    const int64_t per = std::max<int64_t>(1, chunk_size(count, K, threads, 1));
+    const int chunks = static_cast<int>((count + per - 1) / per);
+    pool().run(chunks, std::min(threads, chunks) - 1, [&](int c) {
+        for (int64_t i = c * per; i < std::min(count, (c + 1) * per); ++i) {
             const uint8_t* row = w + (rows ? rows[i] : i) * nb * bb;
             for (int64_t b = 0; b < nb; ++b) decode_block(row + b * bb, type, out + i * K + b * 32);
         }

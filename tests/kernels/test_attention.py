@@ -161,7 +161,7 @@ def _bad(**over):
     (dict(k=(1, 3, 9, 32), v=(1, 3, 9, 32)), ValueError, r"q has 4 heads, not a multiple of k's 3"),
     (dict(k=(1, 0, 9, 32), v=(1, 0, 9, 32)), ValueError, r"not a multiple of k's 0"),
     (dict(k=(1, 2, 0, 32), v=(1, 2, 0, 32)), ValueError, r"k and v have 0 keys"),
-    (dict(q=(1, 4, 8, 320), k=(1, 2, 9, 320), v=(1, 2, 9, 320)), ValueError, r"head dim 320"),
+    (dict(q=(1, 4, 8, 640), k=(1, 2, 9, 640), v=(1, 2, 9, 640)), ValueError, r"head dim 640"),
     (dict(k=torch.float16), TypeError, r"k has dtype float16 but q has float32"),
     (dict(v=torch.float16), TypeError, r"v has dtype float16 but q has float32"),
     (dict(q=torch.float64, k=torch.float64, v=torch.float64), TypeError, r"q has dtype float64"),
