@@ -360,15 +360,17 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, sca
     L = max(lens)
     n_blocks = -(-L // block_size)
     blocks = block_table[:, :n_blocks].long()  # (B, n_blocks)
-    used = torch.arange(n_blocks, device=q.device) * block_size < seq_lens.view(B, 1)
-    blocks = blocks.where(used, 0)  # entries past a sequence's length may be garbage: never read them
+    if min(lens) <= (n_blocks - 1) * block_size:  # a shorter sequence: entries past it may be garbage
+        used = torch.arange(n_blocks, device=q.device) * block_size < seq_lens.view(B, 1)
+        blocks = blocks.where(used, 0)  # never read them
     k = k_cache[blocks].reshape(B, n_blocks * block_size, Hkv, D)[:, :L].to(compute)  # (B, L, Hkv, D)
     v = v_cache[blocks].reshape(B, n_blocks * block_size, Hkv, D)[:, :L].to(compute)
     qg = q.to(compute).reshape(B, Hkv, G * Tq, D)  # query head h = kv * G + g
-    scores = scale * (qg @ k.permute(0, 2, 3, 1))  # (B, Hkv, G * Tq, L)
-    t = torch.arange(Tq, device=q.device).view(1, Tq, 1)
-    j = torch.arange(L, device=q.device).view(1, 1, L)
-    visible = j <= seq_lens.view(B, 1, 1) - Tq + t  # (B, Tq, L)
-    scores = scores.view(B, Hkv, G, Tq, L).masked_fill(~visible[:, None, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1).view(B, Hkv, G * Tq, L) @ v.transpose(1, 2)  # (B, Hkv, G * Tq, D)
+    scores = (qg @ k.permute(0, 2, 3, 1)).mul_(scale)  # (B, Hkv, G * Tq, L)
+    if Tq > 1 or min(lens) < L:  # else every key is visible to every query: no mask
+        t = torch.arange(Tq, device=q.device).view(1, Tq, 1)
+        j = torch.arange(L, device=q.device).view(1, 1, L)
+        hidden = j > seq_lens.view(B, 1, 1) - Tq + t  # (B, Tq, L)
+        scores.view(B, Hkv, G, Tq, L).masked_fill_(hidden[:, None, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.transpose(1, 2)  # (B, Hkv, G * Tq, D)
     return out.view(B, Hq, Tq, D).to(q.dtype)

@@ -230,8 +230,8 @@ def _sum_in_acc(x, residual):
 
 def rms_norm_reference(x, weight, eps=1e-6, *, residual=None):
     h = _sum_in_acc(x, residual)
-    y = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(h.dtype)
-    y = y.to(x.dtype)
+    # h * rsqrt(mean(h^2) + eps) * weight, as one torch op
+    y = torch.nn.functional.rms_norm(h, (h.shape[-1],), weight.to(h.dtype), eps).to(x.dtype)
     return (y, h.to(x.dtype)) if residual is not None else y
 
 
