@@ -26,7 +26,8 @@ def collect() -> Dict[str, Any]:
     try:
         from genfuse import _C
 
-        facts["extension"] = {"version": _C.version(), **_C.build_info()}
+        facts["extension"] = {"version": _C.version(), **_C.build_info(),
+                              "quant_matmul": "avx+fma+f16c" if _C.quant_matmul_uses_avx() else "portable C++"}
     except ImportError as exc:
         facts["extension"] = {"error": f"genfuse._C is not built: {exc}"}
 
@@ -45,8 +46,8 @@ def collect() -> Dict[str, Any]:
 
 def format_text(facts: Dict[str, Any]) -> str:
     ext = facts["extension"]
-    ext_line = (f"genfuse._C {ext['version']} ({ext['compiler']}, C++ {ext['cxx_standard']})"
-                if "version" in ext else ext["error"])
+    ext_line = (f"genfuse._C {ext['version']} ({ext['compiler']}, C++ {ext['cxx_standard']}; "
+                f"quantized CPU matmul: {ext['quant_matmul']})" if "version" in ext else ext["error"])
     gpu = facts["gpu"]
     if "error" in gpu:
         gpu_line = f"none ({gpu['error']})"
