@@ -194,8 +194,12 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any], tensor_names: tuple[str, ...] | list[str],
-                  *, source: str = "<gguf>") -> ModelConfig:
-        """From GGUF metadata (plain values, see `gguf_io.GGUFFile.metadata`) and tensor names."""
+                  *, source: str = "<gguf>", embedding_rows: int | None = None) -> ModelConfig:
+        """From GGUF metadata (plain values, see `gguf_io.GGUFFile.metadata`) and tensor names.
+
+        ``embedding_rows``: token_embd.weight's row count, the vocabulary size of last resort: a
+        file without tokenizer metadata (llama.cpp's converter writes no ``vocab_size`` for
+        gpt2) still says it through its embedding."""
         gguf_arch = metadata.get("general.architecture")
         if gguf_arch not in GGUF_ARCHS:
             raise ValueError(f"{source}: GGUF architecture {gguf_arch!r} is not supported "
@@ -216,9 +220,10 @@ class ModelConfig:
         if isinstance(kv_heads, list):  # per-layer counts (hybrid models): not a family we run
             raise ValueError(f"{source}: per-layer attention.head_count_kv is not supported")
         tokens = metadata.get("tokenizer.ggml.tokens")
-        vocab = key("vocab_size", None) or (len(tokens) if tokens else None)
+        vocab = key("vocab_size", None) or (len(tokens) if tokens else None) or embedding_rows
         if vocab is None:
-            raise ValueError(f"{source}: cannot tell the vocabulary size (no vocab_size, no tokenizer.ggml.tokens)")
+            raise ValueError(f"{source}: cannot tell the vocabulary size (no vocab_size, no tokenizer.ggml.tokens, "
+                             "no token_embd.weight)")
         eos = _ids(metadata.get("tokenizer.ggml.eos_token_id"))
         # llama.cpp also stops on end-of-turn / end-of-message tokens (Llama 3's <|eot_id|>).
         for extra_key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
@@ -314,5 +319,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         from .gguf_io import open_gguf
 
         g = open_gguf(p)
-        return ModelConfig.from_gguf(g.metadata, g.tensor_names, source=str(p))
+        embd = [t for t in g.reader.tensors if t.name == "token_embd.weight" and len(t.shape) == 2]
+        rows = int(embd[0].shape[1]) if embd else None  # ggml lists (hidden, vocab), fastest first
+        return ModelConfig.from_gguf(g.metadata, g.tensor_names, source=str(p), embedding_rows=rows)
     raise ValueError(f"{p}: not a model folder (with config.json) or a .gguf file")
