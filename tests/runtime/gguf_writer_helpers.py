@@ -1,0 +1,127 @@
+"""Tiny GGUF files for the end-to-end model tests (test_gguf_models.py): a random-weight
+transformers model written the way llama.cpp's convert_hf_to_gguf.py lays it out, each tensor in
+a chosen GGML type, WITHOUT a tokenizer (genfuse must run such a file on token-id prompts).
+
+The tensor layout (names, q/k row permutation for arch "llama", GPT-2's Conv1D weights stored as
+(out, in)) comes from `loader_helpers.gguf_tensors`; the metadata keys are those the converter's
+`set_gguf_parameters` writes for each architecture. Every tensor name is checked against gguf-py's
+own table (`gguf.MODEL_TENSORS` / `gguf.TENSOR_NAMES`) so a typo cannot pass as a "real" file.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from loader_helpers import gguf_tensors
+
+
+def tiny_gpt2():
+    """GPT-2, 2 layers, hidden 64, 4 heads, vocab 288. n_positions stays 1024: transformers reads
+    a gpt2 GGUF's context_length into n_ctx, not n_positions (see loader_helpers.tiny_hf_model)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=288, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0)
+    return _randomized(transformers.GPT2LMHeadModel(cfg))
+
+
+def tiny_llama_gqa():
+    """Llama, 3 layers, hidden 64, 4 query heads over 2 KV heads (head_dim 16), untied lm_head,
+    plain rotary (no scaling: transformers' GGUF loader would not read llama.cpp's rope_freqs)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2)
+    return _randomized(transformers.LlamaForCausalLM(cfg))
+
+
+def _randomized(model):
+    """Every parameter random (norms and biases too), so a mixed-up mapping cannot hide. Norm
+    weights scatter around 1 rather than 0: greedy decoding then wanders over many tokens instead
+    of repeating one, and a wrong row anywhere shows in the tokens."""
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = p.dim() == 1 and name.endswith(".weight")  # LayerNorm / RMSNorm scales
+            p.normal_(1.0 if is_norm else 0.0, 0.5)
+    return model.eval()
+
+
+def _check_names(arch: str, names, n_layers: int) -> None:
+    import gguf
+
+    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "gpt2": gguf.MODEL_ARCH.GPT2}[arch]
+    known = set()
+    for t in gguf.MODEL_TENSORS[model_arch]:
+        base = gguf.TENSOR_NAMES[t]
+        for bid in range(n_layers) if "{bid}" in base else [None]:
+            stem = base.format(bid=bid)
+            known |= {stem + ".weight", stem + ".bias"}
+    unknown = sorted(set(names) - known)
+    assert not unknown, f"not {arch} tensor names in gguf-py: {unknown}"
+
+
+def write_model_gguf(path: Path, model, arch: str, qtype_for: Callable[[str, np.ndarray], object], *,
+                     vocab_tokens: bool = False, raw: dict | None = None, gpt2_output: bool = True) -> Path:
+    """Write ``model`` (GPT2LMHeadModel or LlamaForCausalLM) to ``path`` as a GGUF of ``arch``.
+
+    ``qtype_for(gguf_name, float32 array) -> GGMLQuantizationType`` picks every tensor's type
+    (1-D ones too); the bytes are `gguf.quants.quantize`'s. ``raw``: {name: GGML type} tensors
+    written as that type with arbitrary bytes (types gguf-py cannot quantize, e.g. Q6_K).
+    ``vocab_tokens``: add ``tokenizer.ggml.tokens`` (placeholder strings, no tokenizer model):
+    transformers takes a gpt2 GGUF's vocabulary size from that list and nowhere else.
+    ``gpt2_output``: the converter's GPT2Model writes wte twice, as token_embd.weight and as
+    output.weight ("GPT2 output is tied to (same as) wte"); False leaves the copy out (tied).
+    """
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    if arch == "gpt2":  # convert_hf_to_gguf GPT2Model.set_gguf_parameters
+        w.add_block_count(c.n_layer)
+        w.add_context_length(c.n_positions)
+        w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(4 * c.n_embd)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+        n_layers = c.n_layer
+    else:  # TextModel.set_gguf_parameters + LlamaModel's vocab size and rope dimensions
+        w.add_vocab_size(c.vocab_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]))
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        n_layers = c.num_hidden_layers
+    if vocab_tokens:
+        w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
+
+    tensors = gguf_tensors(model, arch)
+    if arch == "gpt2" and gpt2_output:
+        tensors["output.weight"] = tensors["token_embd.weight"]
+    _check_names(arch, list(tensors) + list(raw or {}), n_layers)
+    for name, arr in tensors.items():
+        if name in (raw or {}):
+            continue
+        qtype = qtype_for(name, arr)
+        w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype),
+                     raw_dtype=qtype)
+    for name, qtype in (raw or {}).items():
+        rows, cols = tensors[name].shape
+        block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        data = np.random.default_rng(0).integers(0, 256, (rows, cols // block * type_bytes), dtype=np.uint8)
+        w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
