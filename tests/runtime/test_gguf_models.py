@@ -104,7 +104,7 @@ def _last_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return ((a - b).abs().max() / b.abs().max()).item()  # ~1e-6 here: summation order only
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["converter", "tied"])
@@ -204,6 +204,9 @@ def test_llama_qkv_in_mixed_quant_types(tmp_path):
 # --------------------------------------------------------------------------- 3. the interpreter
 
 
+# gelu_tanh is a sigmoid in the linear epilogue: exp(-2u) overflows to inf for very negative
+# pre-activations (numpy warns under the interpreter) and the sigmoid is then exactly 0, as it should be
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 def test_gpt2_gguf_through_triton_interpreter(gpt2_file):
     """backend=None under TRITON_INTERPRET runs the Triton kernels, so nothing stays packed."""
     import os
