@@ -108,10 +108,42 @@ class PackedWeight:
         return out
 
 
-def cat_rows(weights: list) -> torch.Tensor | PackedWeight:
-    """``torch.cat`` of row blocks, for dense tensors or packed weights (not a mix)."""
+class PackedRows:
+    """Row blocks packed in different formats, multiplied as one ``(sum N_i, K)`` weight.
+
+    llama.cpp's quantizer often gives ``attn_v`` a bigger type than ``attn_q`` / ``attn_k``;
+    the fused QKV weight of such a file is a `PackedRows` of three `PackedWeight`s, each part
+    one `quant_matmul` into its own columns of the output.
+    """
+
+    __slots__ = ("parts", "shape")
+    dtype = torch.float32
+
+    def __init__(self, parts: list[PackedWeight]):
+        if len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("row blocks of one weight need one width, got "
+                             + ", ".join(str(tuple(p.shape)) for p in parts))
+        self.parts = list(parts)
+        self.shape = torch.Size((sum(p.shape[0] for p in parts), parts[0].shape[1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def __repr__(self) -> str:
+        return f"PackedRows({', '.join(map(repr, self.parts))})"
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+def cat_rows(weights: list) -> torch.Tensor | PackedWeight | PackedRows:
+    """``torch.cat`` of row blocks: dense tensors, packed weights of one format (one
+    `PackedWeight`) or of several (a `PackedRows`); a packed + dense mix is dequantized."""
     if all(isinstance(w, PackedWeight) for w in weights):
-        return PackedWeight.cat(weights)
+        if len({(w.qtype, w.shape[1]) for w in weights}) == 1:
+            return PackedWeight.cat(weights)
+        return PackedRows(weights)
     if any(isinstance(w, PackedWeight) for w in weights):
         # e.g. a Q4_1 q_proj next to an F16 v_proj: dequantize the packed ones.
         weights = [w.dequantize() if isinstance(w, PackedWeight) else w for w in weights]
@@ -120,9 +152,9 @@ def cat_rows(weights: list) -> torch.Tensor | PackedWeight:
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activation: str | None = None,
            residual: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """`genfuse.kernels.linear` for dense weights; for a `PackedWeight`, the C++ matmul plus the
-    same epilogue (bias, activation, residual) in place on its output."""
-    if not isinstance(weight, PackedWeight):
+    """`genfuse.kernels.linear` for dense weights; for a `PackedWeight` / `PackedRows`, the C++
+    matmul plus the same epilogue (bias, activation, residual) in place on its output."""
+    if not isinstance(weight, (PackedWeight, PackedRows)):
         return _kernel_linear(x, weight, bias, activation=activation, residual=residual, backend=backend)
     N, K = weight.shape
     if x.shape[-1] != K:
@@ -134,8 +166,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
         return _kernel_linear(x, weight.dequantize(), bias, activation=activation, residual=residual,
                               backend="torch")
     x2 = x2.contiguous()
-    y = torch.empty((x2.shape[0], N), dtype=torch.float32)
-    _ext().quant_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), torch.get_num_threads())
+    y = _packed_matmul(x2, weight, torch.get_num_threads())
     y = y.view(*x.shape[:-1], N)
     if bias is not None:
         y += bias
@@ -144,6 +175,17 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
     if residual is not None:
         y += residual
     return y
+
+
+def _packed_matmul(x2: torch.Tensor, weight, threads: int) -> torch.Tensor:
+    """x2 (M, K) contiguous float32 @ weight.T -> (M, N) through genfuse._C.quant_matmul."""
+    M, ext = x2.shape[0], _ext()
+    if isinstance(weight, PackedWeight):
+        y = torch.empty((M, weight.shape[0]), dtype=torch.float32)
+        ext.quant_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads)
+        return y
+    outs = [_packed_matmul(x2, p, threads) for p in weight.parts]  # PackedRows: one call a part
+    return torch.cat(outs, dim=1)
 
 
 def _activation(y: torch.Tensor, name: str) -> torch.Tensor:

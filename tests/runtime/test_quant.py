@@ -215,3 +215,19 @@ def test_keep_quantized_true_where_it_cannot_apply_raises():
 
     with pytest.raises(ValueError, match="keep_quantized=True needs"):
         LLM(str(smollm_gguf()), device="cpu", dtype=torch.bfloat16, backend="torch", keep_quantized=True)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_rows_in_different_formats_multiply_as_one_weight(M):
+    """q/k/v quantized in different types (llama.cpp often gives attn_v a bigger one) stay
+    packed as a PackedRows and multiply into their own output columns."""
+    parts = [_packed_weight(8, 64, T.Q4_0, 1), _packed_weight(4, 64, T.Q4_1, 2), _packed_weight(4, 64, T.Q8_0, 3)]
+    w = quant.cat_rows([p for p, _ in parts])
+    assert isinstance(w, quant.PackedRows) and w.shape == (16, 64)
+    dense = torch.cat([d for _, d in parts])
+    torch.testing.assert_close(w.dequantize(), dense, rtol=0, atol=0)
+    x, res = torch.randn(M, 64), torch.randn(M, 16)
+    torch.testing.assert_close(quant.linear(x, w, residual=res).double(), x.double() @ dense.double().T + res.double(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one width"):
+        quant.PackedRows([_packed_weight(2, 32, T.Q4_0)[0], _packed_weight(2, 64, T.Q4_0)[0]])
