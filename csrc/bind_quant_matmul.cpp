@@ -6,6 +6,9 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
+
+#include <unistd.h>
 
 #include "quant_matmul.h"
 
@@ -24,11 +27,18 @@ bool c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) 
 void check_2d(const py::array& a, const char* name, char kind, int itemsize, bool writable) {
     if (a.ndim() != 2)
         throw py::value_error(std::string(name) + " must be 2-D, got shape " + shape_of(a));
-    if (a.dtype().kind() != kind || a.itemsize() != itemsize)
-        throw py::type_error(std::string(name) + (kind == 'f' ? " must be float32" : " must be uint8") +
+    if (a.dtype().kind() != kind || a.itemsize() != itemsize || a.dtype().byteorder() == '>')
+        throw py::type_error(std::string(name) + (kind == 'f' ? " must be float32 (native byte order)" : " must be uint8") +
                              ", got " + std::string(py::str(a.dtype())));
     if (!c_contiguous(a)) throw py::value_error(std::string(name) + " must be C-contiguous");
     if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+}
+
+// Whether two C-contiguous arrays share a byte.
+bool overlap(const py::array& a, const py::array& b) {
+    const auto* pa = static_cast<const char*>(a.data());
+    const auto* pb = static_cast<const char*>(b.data());
+    return a.nbytes() > 0 && b.nbytes() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
 }
 
 // (N, row bytes) of a packed weight of K columns in format `type`; ValueError otherwise.
@@ -45,6 +55,21 @@ int64_t check_weight(const py::array& w, int type, int64_t K) {
     return w.shape(0);
 }
 
+// Runs f without the GIL. A daemon thread still computing when Python shuts down must not take
+// the GIL back: CPython would end it with pthread_exit, whose unwinding out of
+// gil_scoped_release's noexcept destructor aborts the process ("terminate called without an
+// active exception"). It is parked instead, as CPython 3.14 parks such threads itself, until the
+// process exits.
+template <class F>
+void without_gil(F&& f) {
+    py::gil_scoped_release nogil;
+    f();
+    if (_Py_IsFinalizing()) {
+        nogil.disarm();
+        for (;;) pause();
+    }
+}
+
 }  // namespace
 
 void register_quant_matmul(py::module_& m) {
@@ -57,11 +82,13 @@ void register_quant_matmul(py::module_& m) {
               if (y.shape(0) != M || y.shape(1) != N)
                   throw py::value_error("y must be (" + std::to_string(M) + ", " + std::to_string(N) + "), got " +
                                         shape_of(y));
+              if (overlap(y, x) || overlap(y, w)) throw py::value_error("y must not share memory with x or w");
               const auto* xp = static_cast<const float*>(x.data());
               const auto* wp = static_cast<const uint8_t*>(w.data());
               auto* yp = static_cast<float*>(y.mutable_data());
-              py::gil_scoped_release nogil;
-              genfuse::quant_matmul(xp, M, K, wp, N, static_cast<genfuse::QType>(type), yp, threads, portable);
+              without_gil([&] {
+                  genfuse::quant_matmul(xp, M, K, wp, N, static_cast<genfuse::QType>(type), yp, threads, portable);
+              });
           },
           py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("portable") = false,
           "y (M, N) = x (M, K) @ dequantize(w).T for w (N, K/32 * block bytes) uint8 in GGML format "
@@ -71,13 +98,17 @@ void register_quant_matmul(py::module_& m) {
           [](const py::array& w, int type, int64_t K, py::object rows, py::array& out, int threads) {
               const int64_t N = check_weight(w, type, K);
               check_2d(out, "out", 'f', 4, true);
-              py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx;
+              // A copy of the indices: another Python thread cannot change them once checked.
+              std::vector<int64_t> idx;
               const int64_t* rp = nullptr;
               int64_t count = N;
               if (!rows.is_none()) {
-                  idx = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(rows);
-                  if (!idx || idx.ndim() != 1) throw py::value_error("rows must be a 1-D array of row indices");
-                  count = idx.shape(0);
+                  const py::array given = py::array::ensure(rows);
+                  if (!given || given.ndim() != 1 || (given.size() > 0 && given.dtype().kind() != 'i' && given.dtype().kind() != 'u'))
+                      throw py::value_error("rows must be a 1-D array of integer row indices");
+                  const auto cast = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(given);
+                  idx.assign(cast.data(), cast.data() + cast.size());
+                  count = static_cast<int64_t>(idx.size());
                   rp = idx.data();
                   for (int64_t i = 0; i < count; ++i)
                       if (rp[i] < 0 || rp[i] >= N)
@@ -87,10 +118,11 @@ void register_quant_matmul(py::module_& m) {
               if (out.shape(0) != count || out.shape(1) != K)
                   throw py::value_error("out must be (" + std::to_string(count) + ", " + std::to_string(K) +
                                         "), got " + shape_of(out));
+              if (overlap(out, w)) throw py::value_error("out must not share memory with w");
+              if (!rows.is_none() && count == 0) return;  // (a null rp would mean every row)
               const auto* wp = static_cast<const uint8_t*>(w.data());
               auto* op = static_cast<float*>(out.mutable_data());
-              py::gil_scoped_release nogil;
-              genfuse::dequantize_rows(wp, N, K, static_cast<genfuse::QType>(type), rp, count, op, threads);
+              without_gil([&] { genfuse::dequantize_rows(wp, N, K, static_cast<genfuse::QType>(type), rp, count, op, threads); });
           },
           py::arg("w"), py::arg("type"), py::arg("K"), py::arg("rows"), py::arg("out"), py::arg("threads") = 1,
           "out = the float32 rows `rows` (None: all) of the GGML-format weight w, exactly as gguf.quants "

@@ -7,7 +7,7 @@
 // (one block of weights feeds every row of a small batch), keeping one vector accumulator per
 // row of x. The 4-bit formats use  sum_j (d q_j + m) x_j = d * sum_j q_j x_j + m * sum_j x_j
 // with the block sums of x computed once per call, so a block costs one multiply by d, not 32
-// (Q4_0 and Q8_0 are read the same way, with an offset: see rows_avx).
+// (Q4_0 is read the same way, with m = -8 d; Q8_0 signed, with no offset: see rows_avx).
 //
 // Threads: a small persistent pool (workers spin briefly, then sleep on a condition variable),
 // so that a decode step's ~120 calls do not each pay for starting threads. Work is chunks of
@@ -134,6 +134,15 @@ void rows_portable(const Problem& p, int64_t n0, int64_t n1) {
 // and F16C's vcvtph2ps converts subnormals exactly. The 2^24 goes into the block scale.
 GENFUSE_AVX inline __m256 u16x8_to_ps_scaled(__m128i v) { return _mm256_cvtph_ps(v); }
 
+// Sixteen signed bytes q -> u16 lanes (two halves of eight) that vcvtph2ps reads as q * 2^-24:
+// |q| in the low byte and q's own sign bit in the high one make an fp16 subnormal, sign * |q| *
+// 2^-24 exactly (|-128| reads as 128).
+GENFUSE_AVX inline void signed_bytes_to_f16(__m128i q, __m128i& lo, __m128i& hi) {
+    const __m128i mag = _mm_abs_epi8(q), sgn = _mm_and_si128(q, _mm_set1_epi8(static_cast<char>(0x80)));
+    lo = _mm_unpacklo_epi8(mag, sgn);
+    hi = _mm_unpackhi_epi8(mag, sgn);
+}
+
 GENFUSE_AVX inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -145,15 +154,15 @@ GENFUSE_AVX inline float f16(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); 
 
 // Rows [n0, n1) of W against MC rows of x starting at m0.
 //
-// Every format is read as unsigned bytes u plus an offset:  w = d u + m  with
-// Q4_1: u = q, m = m;  Q4_0: u = q, m = -8 d;  Q8_0: u = q + 128 (the byte XOR 0x80), m = -128 d.
-// So a block contributes  d * sum_j u_j x_j + m * sum_j x_j  (block sums of x precomputed).
+// The 4-bit formats are read as unsigned nibbles u plus an offset:  w = d u + m  with
+// Q4_1: m = m;  Q4_0: m = -8 d. So a block contributes  d * sum_j u_j x_j + m * sum_j x_j  (block
+// sums of x precomputed). Q8_0 is read signed, w = d q: its offset form, -128 d, would make two
+// large sums that cancel and lose float32 digits where x is far from zero mean.
 template <QType T, int MC>
 GENFUSE_AVX void rows_avx(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
     constexpr int64_t bb = T == QType::Q4_0 ? 18 : T == QType::Q4_1 ? 20 : 34;
     constexpr float two24 = 16777216.0f;
     const __m128i low4 = _mm_set1_epi8(0x0f);
-    const __m128i sign = _mm_set1_epi8(static_cast<char>(0x80));
     const __m128i zero = _mm_setzero_si128();
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* blk = p.w + n * p.row_bytes;
@@ -164,30 +173,30 @@ GENFUSE_AVX void rows_avx(const Problem& p, int64_t m0, int64_t n0, int64_t n1) 
             macc[i] = 0.0f;
         }
         for (int64_t b = 0; b < p.nb; ++b, blk += bb) {
-            __m128i a, c;  // bytes of weights 0..15 and 16..31
+            __m128i h0, h1, h2, h3;  // u16 lanes of weights 0..7, 8..15, 16..23, 24..31
             const float d = f16(blk);
-            float m;
+            float m = 0.0f;
             if (T == QType::Q8_0) {
-                a = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)), sign);
-                c = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)), sign);
-                m = -128.0f * d;
+                signed_bytes_to_f16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)), h0, h1);
+                signed_bytes_to_f16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)), h2, h3);
             } else {
                 const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + bb - 16));
-                a = _mm_and_si128(q, low4);
-                c = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+                const __m128i a = _mm_and_si128(q, low4), c = _mm_and_si128(_mm_srli_epi16(q, 4), low4);
+                h0 = _mm_unpacklo_epi8(a, zero);
+                h1 = _mm_unpackhi_epi8(a, zero);
+                h2 = _mm_unpacklo_epi8(c, zero);
+                h3 = _mm_unpackhi_epi8(c, zero);
                 m = T == QType::Q4_1 ? f16(blk + 2) : -8.0f * d;
             }
-            const __m256 f0 = u16x8_to_ps_scaled(_mm_unpacklo_epi8(a, zero));
-            const __m256 f1 = u16x8_to_ps_scaled(_mm_unpackhi_epi8(a, zero));
-            const __m256 f2 = u16x8_to_ps_scaled(_mm_unpacklo_epi8(c, zero));
-            const __m256 f3 = u16x8_to_ps_scaled(_mm_unpackhi_epi8(c, zero));
+            const __m256 f0 = u16x8_to_ps_scaled(h0), f1 = u16x8_to_ps_scaled(h1);
+            const __m256 f2 = u16x8_to_ps_scaled(h2), f3 = u16x8_to_ps_scaled(h3);
             const __m256 dv = _mm256_set1_ps(d * two24);
             for (int i = 0; i < MC; ++i) {
                 const float* xb = p.x + (m0 + i) * p.K + b * 32;
                 const __m256 s01 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xb + 8), _mm256_mul_ps(f0, _mm256_loadu_ps(xb)));
                 const __m256 s23 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xb + 24), _mm256_mul_ps(f2, _mm256_loadu_ps(xb + 16)));
                 acc[i] = _mm256_fmadd_ps(dv, _mm256_add_ps(s01, s23), acc[i]);
-                macc[i] += m * p.xsum[(m0 + i) * p.nb + b];
+                if (T != QType::Q8_0) macc[i] += m * p.xsum[(m0 + i) * p.nb + b];
             }
         }
         for (int i = 0; i < MC; ++i) p.y[(m0 + i) * p.N + n] = hsum(acc[i]) + macc[i];
@@ -298,9 +307,11 @@ private:
     }
 
     void loop(int id, uint64_t seen) {
-        for (;;) {
-            // Spin a little first: a decode step's next matmul comes within microseconds.
-            for (int i = 0; i < 2000 && wake_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
+        for (bool spin = true;;) {
+            // Spin a little first: a decode step's next matmul comes within microseconds. A worker
+            // the last job did not ask for (a smaller `threads` than the pool has) goes straight
+            // to sleep, so that it does not take a core from the threads that do work.
+            for (int i = 0; spin && i < 2000 && wake_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
             const std::function<void(int)>* job;
             uint32_t gen;
             int chunks, helpers;
@@ -314,7 +325,8 @@ private:
                 chunks = chunks_;
                 helpers = helpers_;
             }
-            if (id <= helpers) work(gen, chunks, *job);  // claims nothing if that job is over
+            spin = id <= helpers;
+            if (spin) work(gen, chunks, *job);  // claims nothing if that job is over
         }
     }
 
@@ -348,8 +360,15 @@ Pool& pool() {
 // costs at most a chunk or so; below ~64k weights a matmul is not worth a second thread.
 int64_t chunk_size(int64_t n, int64_t weights_per_item, int threads, int64_t align) {
     if (threads <= 1 || n * weights_per_item < 65536) return n;
-    const int64_t per = (n + threads * 8 - 1) / (threads * 8);
+    const int64_t per = (n + int64_t{threads} * 8 - 1) / (int64_t{threads} * 8);
     return std::max(align, (per + align - 1) / align * align);
+}
+
+// `threads` as asked, within [1, the machine's hardware threads]: more would only make workers
+// that fight the caller for cores (and a huge value thousands of OS threads).
+int clamp_threads(int threads) {
+    static const int hw = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    return std::clamp(threads, 1, hw);
 }
 
 }  // namespace
@@ -360,8 +379,9 @@ void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
                   float* y, int threads, bool portable) {
     const int64_t nb = K / kQBlock;
     Problem p{x, M, K, w, N, type, y, nb, nb * block_bytes(static_cast<int>(type)), nullptr};
+    threads = clamp_threads(threads);
     std::vector<float> xsum;
-    {
+    if (type != QType::Q8_0) {  // the 4-bit formats' m (see rows_avx)
         xsum.resize(static_cast<size_t>(M * nb));
         for (int64_t m = 0; m < M; ++m)
             for (int64_t b = 0; b < nb; ++b) {
@@ -381,6 +401,7 @@ void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
 void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const int64_t* rows,
                      int64_t n_rows, float* out, int threads) {
     const int64_t nb = K / kQBlock, bb = block_bytes(static_cast<int>(type));
+    threads = clamp_threads(threads);
     const int64_t count = rows ? n_rows : N;
     const int64_t per = std::max<int64_t>(1, chunk_size(count, K, threads, 1));
     const int chunks = static_cast<int>((count + per - 1) / per);

@@ -4,7 +4,9 @@
 // each of the N rows is K / 32 blocks of 32 weights. Decoding a small batch reads every weight
 // once per step, so on a CPU the step is bound by the bytes of W: Q4_1 is 0.625 bytes a weight
 // against fp32's 4. The weights are decoded in registers, never written out, and the sums are
-// float32 throughout; the result equals x @ dequantize(W).T up to float32 summation order.
+// float32 throughout; the result equals x @ dequantize(W).T up to float32 rounding: summation
+// order, and for Q4_0 / Q4_1 the split d * sum(q x) + m * sum(x), whose terms cancel where x is
+// far from zero mean (up to about 1e-5 of sum |x| |w|, against 3e-7 for Q8_0, in the tests).
 //
 // Block layouts (little endian, `d` and `m` IEEE half precision):
 //   Q4_0, 18 bytes: d, 16 bytes of nibbles      w[j] = d * (q[j] - 8)
