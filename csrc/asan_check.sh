@@ -47,7 +47,7 @@ so="$("$py" -c 'import genfuse._C as c, genfuse.runtime.block_manager as b; prin
 echo "$so"
 [[ "$(head -1 <<<"$so")" == "$src"/* && "$(tail -1 <<<"$so")" == "$src"/* ]] \
     || { echo "asan_check: genfuse was not imported from the sanitized copy" >&2; exit 1; }
-nm -D "$(head -1 <<<"$so")" | grep -q __asan_report || { echo "asan_check: the extension is not instrumented" >&2; exit 1; }
+grep -q __asan_report <<<"$(nm -D "$(head -1 <<<"$so")")" || { echo "asan_check: the extension is not instrumented" >&2; exit 1; }
 # The quantized matmul's kernel tests too (not the two that load the SmolLM2 model: slow here).
 "$py" -m pytest tests/runtime/test_block_manager.py tests/runtime/test_quant.py \
     -k "not smollm and not keep_quantized" -q -p no:cacheprovider "$@"
