@@ -8,23 +8,13 @@ import pytest
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T
 from gguf import quants
+from test_quant import (  # the shared random weights and float64 oracle
+    TYPES,
+    packed,
+    ref_matmul,
+)
 
 from genfuse import _C
-
-TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
-
-
-def packed(N, K, qtype, seed=0):
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((N, K)) * rng.uniform(0.01, 2.0, size=(N, 1))).astype(np.float32)
-    blocks = quants.quantize(w, qtype)
-    return blocks, quants.dequantize(blocks, qtype)
-
-
-def ref_matmul(x, deq):
-    return x.astype(np.float64) @ deq.astype(np.float64).T
-
-# ---- proposed additions to tests/runtime/test_quant.py ----
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
