@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from loader_helpers import gguf_tensors
 
@@ -21,7 +20,7 @@ from loader_helpers import gguf_tensors
 def tiny_gpt2():
     """GPT-2, 2 layers, hidden 64, 4 heads, vocab 288. n_positions stays 1024: transformers reads
     a gpt2 GGUF's context_length into n_ctx, not n_positions (see loader_helpers.tiny_hf_model)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.GPT2Config(vocab_size=288, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
                                   bos_token_id=0, eos_token_id=0)
     return _randomized(transformers.GPT2LMHeadModel(cfg))
@@ -30,7 +29,7 @@ def tiny_gpt2():
 def tiny_llama_gqa():
     """Llama, 3 layers, hidden 64, 4 query heads over 2 KV heads (head_dim 16), untied lm_head,
     plain rotary (no scaling: transformers' GGUF loader would not read llama.cpp's rope_freqs)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = transformers.LlamaConfig(
         vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,

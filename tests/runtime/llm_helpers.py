@@ -13,7 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 from loader_helpers import smollm_gguf, tiny_hf_model
 
@@ -39,7 +38,7 @@ def smollm_llm():
 @functools.lru_cache(maxsize=1)
 def smollm_transformers():
     """transformers' LlamaForCausalLM from the same GGUF (its own loader), fp32, EOS disabled."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = smollm_gguf()
     folder = Path(tempfile.mkdtemp(prefix="smollm_gguf_"))
     (folder / path.name).symlink_to(path)

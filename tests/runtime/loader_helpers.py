@@ -41,7 +41,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 def tiny_hf_model(kind: str):
     """A random-weight transformers model; every parameter (norms and biases too) is random so a
     mixed-up mapping cannot hide behind ones and zeros."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     if kind == "llama":  # Llama-3 shape: GQA, untied, llama3 rope scaling
         cfg = transformers.LlamaConfig(
             vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -8,7 +8,7 @@ import pytest
 from genfuse.runtime.config import ModelConfig, load_config
 from loader_helpers import LLAMA3_ROPE, hf_gguf_dir, smollm_gguf, tiny_hf_model, write_gguf
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "smol"])

@@ -18,8 +18,8 @@ from genfuse.runtime.quant import PackedWeight
 from genfuse.runtime.sampling import SamplingParams
 from gguf_writer_helpers import tiny_gpt2, tiny_llama_gqa, write_model_gguf
 
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import transformers
+gguf = pytest.importorskip("gguf", reason="gguf is in the test extra; the GPU image lacks it unless its wheel is carried (bench/gpu_check.sh)")
 T = gguf.GGMLQuantizationType
 
 PROMPT = [5, 17, 200, 33, 91, 7]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf", reason="gguf is in the test extra; the GPU image lacks it unless its wheel is carried (bench/gpu_check.sh)")
 from genfuse.runtime import quant
 from genfuse.runtime.quant import PackedWeight
 from gguf import GGMLQuantizationType as T

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf", reason="gguf is in the test extra; the GPU image lacks it unless its wheel is carried (bench/gpu_check.sh)")
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 from test_quant import (  # the shared random weights and float64 oracle

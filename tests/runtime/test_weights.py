@@ -17,8 +17,8 @@ from genfuse.runtime.weights import (
 from loader_helpers import (
     assert_same_state_dict, canonical_reference, hf_gguf_dir, smollm_gguf, tiny_hf_model, write_gguf)
 
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
+import transformers
+gguf = pytest.importorskip("gguf", reason="gguf is in the test extra; the GPU image lacks it unless its wheel is carried (bench/gpu_check.sh)")
 T = gguf.GGMLQuantizationType
 SIX_TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1]
 
@@ -39,7 +39,7 @@ def _no_torch_load(monkeypatch):
 @pytest.fixture(scope="module")
 def smollm_hf_state_dict(tmp_path_factory):
     """transformers' own load of the SmolLM2 GGUF (gguf + accelerate), once per module (~15 s)."""
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401 - transformers needs it to load a GGUF
     path = smollm_gguf()
     folder, name = hf_gguf_dir(tmp_path_factory, path)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
