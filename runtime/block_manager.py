@@ -80,6 +80,13 @@ The rules this module pins down
   in order ``ValueError`` for a bad token, then ``KeyError`` for an unknown id; ``ValueError``
   for the first id that repeats; ``MemoryError`` if the whole batch does not fit. A failing
   call applies nothing. Returns the copy-on-write pairs in batch order.
+* ``cached_prefix_length(token_ids)``: what ``allocate`` of these tokens would return now
+  (the same whole-block rule, among the first ``len - 1`` tokens), changing nothing. The
+  engine asks it before admitting a prompt so that it allocates only the blocks of the first
+  chunk it schedules: a block is registered only once its tokens are computed in that step.
+* ``extend(seq_id, token_ids)``: ``append`` of each token in order, all or nothing (the next
+  chunk of a prompt). ``ValueError`` for a bad token, ``KeyError`` for an unknown id,
+  ``MemoryError`` if the blocks do not fit (nothing changed). Returns the copy-on-write pairs.
 * ``fork(src_id, dst_id)``: ``KeyError`` if ``src_id`` is unknown (checked first),
   ``ValueError`` if ``dst_id`` is live (also for ``src_id == dst_id``). Takes no block.
 * ``free(seq_id)``: ``KeyError`` if unknown. The blocks left with no reference join the free
@@ -288,6 +295,47 @@ class PyBlockManager:
                 self._fill(table, i, tokens[i * bs:(i + 1) * bs])
         self._seqs[seq_id] = _Seq(table, n, tokens[n - n % bs:] if n % bs else [])
         return len(hits) * bs
+
+    def cached_prefix_length(self, token_ids: Sequence[int]) -> int:
+        """Tokens ``allocate(token_ids)`` would find cached now (whole blocks); changes nothing."""
+        tokens = _int64_list(token_ids, "token_ids")
+        for t in tokens:
+            _check_token(t)
+        if not self.enable_prefix_caching:
+            return 0
+        bs, n, hits = self.block_size, len(tokens), 0
+        parent: Optional[_Node] = None
+        for i in range((n - 1) // bs if n else 0):
+            node = self._find(parent, tokens[i * bs:(i + 1) * bs])
+            if node is None or node.block < 0:
+                break
+            hits += 1
+            parent = node
+        return hits * bs
+
+    def extend(self, seq_id: int, token_ids: Sequence[int]) -> List[Tuple[int, int]]:
+        """``append`` each token in order, all or nothing; return the copy-on-write pairs."""
+        seq_id = _int64(seq_id, "seq_id")
+        tokens = _int64_list(token_ids, "token_ids")
+        for t in tokens:
+            _check_token(t)
+        seq = self._seq(seq_id)
+        if not tokens:
+            return []
+        bs, n0 = self.block_size, seq.num_tokens
+        # New blocks: one per block boundary crossed, plus a private copy of a shared partial tail.
+        need = -(-(n0 + len(tokens)) // bs) - -(-n0 // bs)
+        if n0 % bs and self._ref[seq.table[-1]] > 1:
+            need += 1
+        if need > self.num_free_blocks:
+            raise MemoryError(f"extend(seq {seq_id}, {len(tokens)} tokens) needs {need} new blocks "
+                              f"but {self.num_free_blocks} are free")
+        cows = []
+        for t in tokens:
+            cow = self._append(seq, t)
+            if cow is not None:
+                cows.append(cow)
+        return cows
 
     def append(self, seq_id: int, token_id: int) -> Optional[Tuple[int, int]]:
         """Add one token; return the ``(src, dst)`` block copy to do first when copy-on-write."""

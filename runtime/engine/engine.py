@@ -1,0 +1,369 @@
+"""`Engine`: continuous batching over the paged KV cache (docs/architecture.md, "Engine").
+
+    engine = Engine("smollm2-135m-instruct", max_num_seqs=64)
+    engine.add_request("a", "The capital of France is", SamplingParams(max_tokens=16, temperature=0))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.request_id, out.new_text, out.finished and out.finish_reason)
+
+One `step`: the scheduler picks tokens (`scheduler.Scheduler`), the KV cache manager turns
+them into one flat batch (`kv_cache.KVCacheManager.prepare`, one host-to-device copy), the
+model runs it (`forward_step`), the sampler draws one token for every request whose last
+token was computed (each with its own parameters and generator), and the host syncs once to
+hand the tokens out: stop ids, stop strings, max_tokens, max_model_len.
+
+Ending: EOS ids (the config's and the tokenizer's, unless ``ignore_eos``) and
+``stop_token_ids`` end a request with "stop" (the id is in ``token_ids``, not in ``text``); a
+stop string ends it too and is cut from the text; ``max_tokens`` (or reaching
+``max_model_len``) ends it with "length"; `abort` with "abort". Logits that turn non-finite
+end that request with "error" and an ``error`` message; the others go on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..loader import LoadedModel, load_model
+from ..registry import DEFAULT_MODEL
+from ..sampling import SamplingParams, sample
+from .kv_cache import KVCacheManager, kv_bytes_per_block
+from .scheduler import Request, Scheduler
+
+_log = logging.getLogger("genfuse")
+
+# CPU has no "free memory" to take a fraction of: a fixed pool (genfuse info prints it).
+CPU_KV_CACHE_MEMORY = 1 << 30
+GPU_MEMORY_UTILIZATION = 0.9  # of the memory free after the weights, as vLLM's default
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """How the engine batches and how big its KV cache is (all validated here).
+
+    - ``block_size``: tokens per KV block (16).
+    - ``num_kv_blocks`` or ``kv_cache_memory`` (bytes): the pool; at most one. Default: on
+      CUDA ``GPU_MEMORY_UTILIZATION`` of the free memory, on CPU ``CPU_KV_CACHE_MEMORY``.
+    - ``max_num_seqs``: requests running at once (256).
+    - ``max_num_batched_tokens``: tokens per step (2048 on CUDA, 512 on CPU).
+    - ``max_model_len``: prompt + output tokens per request; default and upper bound: the
+      model's context and the pool's capacity.
+    - ``enable_prefix_caching``: share the KV of equal prompt prefixes (on).
+    - ``enable_chunked_prefill``: split long prompts over steps (on); off, a prompt must fit
+      ``max_num_batched_tokens`` whole.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        def pos_int(name, lo=1, hi=None, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise ValueError(f"{name} must be an int {rng}, got {v!r}")
+
+        pos_int("block_size", 1, 1024)
+        pos_int("num_kv_blocks", optional=True)
+        pos_int("kv_cache_memory", optional=True)
+        pos_int("max_num_seqs", 1, 1 << 20)
+        pos_int("max_num_batched_tokens", optional=True)
+        pos_int("max_model_len", 2, optional=True)
+        if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
+            raise ValueError("give num_kv_blocks or kv_cache_memory, not both")
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return tuple(EngineArgs.__dataclass_fields__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request: its new tokens and text, and whether it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]  # every generated id so far
+    text: str  # all generated text so far (stop strings cut once finished)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    prompt_token_ids: list[int]
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)  # arrival/first_token/finished times (perf_counter)
+
+
+class _State:
+    """The engine's per-request state beside the scheduler's `Request`: sampling and text."""
+
+    def __init__(self, params: SamplingParams, generator, detok, stop_ids: frozenset[int]):
+        self.params, self.generator, self.detok, self.stop_ids = params, generator, detok, stop_ids
+        self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop could claim
+        self.text = ""
+        self.emitted = 0
+        self.error: str | None = None
+        self.t_arrival = time.perf_counter()
+        self.t_first: float | None = None
+
+    def add_text(self, piece: str) -> bool:
+        """Append decoded text; True (and cut) at the first stop string."""
+        if not piece:
+            return False
+        start = max(0, len(self.text) - self.hold)  # a stop may straddle old and new text
+        self.text += piece
+        cut = min((i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return True
+        return False
+
+    def take_text(self, finished: bool) -> str:
+        end = len(self.text) if finished else max(self.emitted, len(self.text) - self.hold)
+        piece = self.text[self.emitted:end]
+        self.emitted = end
+        return piece
+
+
+class Engine:
+    """The synchronous engine core: `add_request`, `step`, `abort`, `has_unfinished_requests`.
+
+    ``model``: a registry name, a Hugging Face folder, a ``.gguf`` file, or a `LoadedModel`.
+    ``device``/``dtype``/``backend``/``keep_quantized`` as in `LLM`; the rest are
+    `EngineArgs`. Not thread-safe: one thread drives it (`AsyncEngine` does for asyncio).
+    """
+
+    def __init__(self, model: str | os.PathLike | LoadedModel = DEFAULT_MODEL, *, device=None,
+                 dtype: torch.dtype | None = None, backend: str | None = None,
+                 keep_quantized: bool | None = None, block_manager_cls=None, **engine_args):
+        unknown = set(engine_args) - set(EngineArgs.names())
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))} "
+                            f"(engine arguments: {', '.join(EngineArgs.names())})")
+        args = EngineArgs(**engine_args)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized)
+        lm = self.loaded
+        self.model, self.config, self.tokenizer = lm.model, lm.config, lm.tokenizer
+        self.device = lm.device
+        c = self.config
+
+        per_block = kv_bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, args.block_size, lm.dtype)
+        num_blocks = args.num_kv_blocks
+        if num_blocks is None:
+            memory = args.kv_cache_memory
+            if memory is None:
+                memory = (int(torch.cuda.mem_get_info(self.device)[0] * GPU_MEMORY_UTILIZATION)
+                          if self.device.type == "cuda" else CPU_KV_CACHE_MEMORY)
+            num_blocks = memory // per_block
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_memory={memory} bytes holds no KV block ({per_block} bytes each)")
+        max_slots = 2**31 // args.block_size
+        if num_blocks > max_slots:
+            raise ValueError(f"num_kv_blocks={num_blocks} x block_size={args.block_size} exceeds 2**31 slots")
+        _check_memory(self.device, num_blocks * per_block)
+        capacity = num_blocks * args.block_size
+        max_len = args.max_model_len
+        limit = min(c.max_position_embeddings, capacity)
+        if max_len is None:
+            max_len = limit
+        elif max_len > c.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_len} exceeds the model's context "
+                             f"(max_position_embeddings={c.max_position_embeddings})")
+        elif max_len > capacity:
+            raise ValueError(f"max_model_len={max_len} tokens do not fit the KV cache of {capacity} tokens "
+                             f"({num_blocks} blocks of {args.block_size}); raise num_kv_blocks/kv_cache_memory")
+        batched = args.max_num_batched_tokens or (2048 if self.device.type == "cuda" else 512)
+        self.args = args
+        self.max_model_len = max_len
+        self.model.setup_rope(max_len)
+        self.kv = KVCacheManager(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                 num_blocks=num_blocks, block_size=args.block_size, dtype=lm.dtype,
+                                 device=self.device, enable_prefix_caching=args.enable_prefix_caching,
+                                 block_manager_cls=block_manager_cls)
+        self.scheduler = Scheduler(self.kv.block_manager, max_num_seqs=args.max_num_seqs,
+                                   max_num_batched_tokens=batched, max_model_len=max_len,
+                                   enable_chunked_prefill=args.enable_chunked_prefill)
+        _log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB); at max_model_len=%d that is "
+                  "%.2fx concurrency", num_blocks, args.block_size, capacity, num_blocks * per_block / 2**20,
+                  max_len, capacity / max_len)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv.capacity_tokens
+
+    def encode_prompt(self, prompt: str | Sequence[int], what: str = "prompt") -> list[int]:
+        """Token ids of a prompt (str through the tokenizer, or a list of ids, checked)."""
+        V = self.config.vocab_size
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.loaded.name!r} has no tokenizer: give {what} as token ids")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+                raise ValueError(f"{what} as a tensor must be 1-D integer token ids, got "
+                                 f"{prompt.dtype} of shape {tuple(prompt.shape)}")
+            ids = prompt.tolist()
+        elif isinstance(prompt, (list, tuple)):
+            for t in prompt:
+                if not isinstance(t, int) or isinstance(t, bool):
+                    raise ValueError(f"{what} has token id {t!r}: token ids must be ints")
+            ids = list(prompt)
+        else:
+            raise TypeError(f"{what} must be a str or a list of token ids, got {type(prompt).__name__}")
+        for t in ids:
+            if not 0 <= t < V:
+                raise ValueError(f"{what} has token id {t} outside the vocabulary [0, {V})")
+        if not ids:
+            raise ValueError(f"{what} is empty (no tokens)")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int],
+                    params: SamplingParams | None = None) -> None:
+        """Queue a request; ``ValueError`` (with the numbers) for one that could never run."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        ids = self.encode_prompt(prompt)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                       else self.loaded.eos_token_ids)
+        detok = self.tokenizer.detokenizer(skip_special_tokens=True) if self.tokenizer else None
+        state = _State(params, params.make_generator(self.device), detok, stop_ids)
+        self.scheduler.add(Request(request_id, ids, params.max_tokens, data=state))
+
+    def abort(self, request_id: str) -> bool:
+        """End a request now and free its blocks; False if it is unknown or already over."""
+        return self.scheduler.finish(request_id, "abort") is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.scheduler.requests)
+
+    @property
+    def stats(self):
+        return self.scheduler.stats
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; the outputs of every request that produced a token."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        self.kv.copy_blocks(out.copies)
+        inp = self.kv.prepare(out)
+        try:
+            logits = self.model.forward_step(inp, self.kv.k, self.kv.v)  # (S, vocab)
+        except Exception:
+            # Blocks of this step were registered for prefix hits but may not hold their K/V.
+            self._reset_after_failure()
+            raise
+        reqs = [s.request for s in out.scheduled if s.samples]
+        if not reqs:
+            self.scheduler.update(out, {})
+            return []
+        states = [r.data for r in reqs]
+        penalize = any(st.params.repetition_penalty != 1.0 for st in states)
+        prev = [r.tokens(0, r.num_tokens) for r in reqs] if penalize else None
+        tokens = sample(logits, [st.params for st in states], [st.generator for st in states], prev)
+        # Non-finite logits give -1 on the same sync as the tokens (no extra host round trip).
+        tokens = torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)
+        host = tokens.tolist()  # the one host sync of the step
+        now = time.perf_counter()
+        sampled = {r.request_id: max(t, 0) for r, t in zip(reqs, host)}
+        self.scheduler.update(out, sampled)
+        results = []
+        for r, t in zip(reqs, host):
+            st = r.data
+            if st.t_first is None:
+                st.t_first = now
+            reason = None
+            if t < 0:
+                r.output_token_ids.pop()
+                reason, st.error = "error", (f"request {r.request_id!r}: the model's logits are not finite "
+                                             f"at token {r.num_tokens} (NaN/inf in the weights or activations)")
+            elif t in st.stop_ids:
+                reason = "stop"
+                if st.detok is not None:
+                    st.add_text(st.detok.flush())
+            else:
+                if st.detok is not None and st.add_text(st.detok.push(t)):
+                    reason = "stop"
+                if reason is None and (len(r.output_token_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len):
+                    if st.detok is not None and st.add_text(st.detok.flush()):
+                        reason = "stop"
+                    else:
+                        reason = "length"
+            if reason is not None:
+                self.scheduler.finish(r.request_id, reason)
+            results.append(self._output(r, [t] if t >= 0 else [], reason, now))
+        return results
+
+    # ------------------------------------------------------------------ internals
+
+    def _output(self, r: Request, new_ids: list[int], reason: str | None, now: float) -> RequestOutput:
+        st = r.data
+        return RequestOutput(
+            request_id=r.request_id, new_token_ids=new_ids, new_text=st.take_text(reason is not None),
+            token_ids=list(r.output_token_ids), text=st.text, finished=reason is not None,
+            finish_reason=reason, prompt_token_ids=r.prompt_token_ids, num_cached_tokens=r.num_cached_tokens,
+            error=st.error,
+            metrics={"arrival": st.t_arrival, "first_token": st.t_first, "now": now,
+                     "num_preemptions": r.num_preemptions},
+        )
+
+    def _reset_after_failure(self) -> None:
+        """After a failed model step: drop the prefix cache (it may name unwritten blocks) and
+        put every request back to be recomputed from scratch."""
+        sched = self.scheduler
+        bm_cls = type(self.kv.block_manager)
+        self.kv.block_manager = bm_cls(self.kv.num_blocks, self.kv.block_size, self.args.enable_prefix_caching)
+        sched.bm = self.kv.block_manager
+        for r in reversed(sched.running):
+            r.seq_id, r.num_computed_tokens = -1, 0
+            r.status = type(r.status).WAITING
+            sched.waiting.appendleft(r)
+        sched.running.clear()
+
+
+def _check_memory(device: torch.device, nbytes: int) -> None:
+    """Refuse, before allocating, a KV pool larger than the memory there is."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return
+    if nbytes > free:
+        raise ValueError(f"the KV cache needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of "
+                         f"{device.type} memory is free; lower num_kv_blocks / kv_cache_memory")
+
+
+def kv_cache_summary(config, dtype: torch.dtype, block_size: int = 16, memory: int = CPU_KV_CACHE_MEMORY) -> dict:
+    """What the default CPU pool holds for a model (for `genfuse info`)."""
+    per_block = kv_bytes_per_block(config.num_layers, config.num_kv_heads, config.head_dim, block_size, dtype)
+    blocks = memory // per_block
+    return {"kv_cache_memory": memory, "block_size": block_size, "num_kv_blocks": blocks,
+            "tokens": blocks * block_size, "bytes_per_token": math.ceil(per_block / block_size)}

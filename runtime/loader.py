@@ -1,0 +1,86 @@
+"""Load a language model by name, folder or .gguf: config, weights on their device, tokenizer.
+
+What `LLM` and `Engine` share: both call `load_model` and then only use the returned
+`LoadedModel` (the model family object, its config, the tokenizer and the EOS ids).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from genfuse.kernels._common import resolve_backend
+
+from .config import ModelConfig, load_config
+from .gpt2 import GPT2
+from .llama import Llama
+from .quant import can_pack
+from .registry import DEFAULT_MODEL, resolve
+from .tokenizer import Tokenizer, TokenizerNotFoundError
+from .weights import load_weights
+
+# arch -> the family class; each class has from_state_dict, setup_rope and forward_step.
+FAMILIES = {"llama": Llama, "gpt2": GPT2}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    model: object  # a FAMILIES class instance
+    tokenizer: Tokenizer | None
+    eos_token_ids: frozenset[int]
+    device: torch.device
+    dtype: torch.dtype
+    backend: str | None
+    keep_quantized: bool
+
+
+def parse_device(device) -> torch.device:
+    """A usable torch device, or a one-line ValueError saying why not."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch build has no CUDA or no GPU is visible")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: genfuse runs on 'cpu' or 'cuda', not {dev.type!r}")
+    return dev
+
+
+def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: torch.dtype | None = None,
+               backend: str | None = None, keep_quantized: bool | None = None) -> LoadedModel:
+    """See `LLM` for the arguments; returns the loaded model and its tokenizer."""
+    resolved = resolve(model)
+    dev = parse_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
+    config = load_config(resolved.path)
+    family = FAMILIES.get(config.arch)
+    if family is None:
+        raise ValueError(f"{resolved.name}: architecture {config.arch!r} is not supported "
+                         f"(supported: {', '.join(sorted(FAMILIES))})")
+    packable = can_pack(dev, dtype, resolve_backend(backend, torch.empty(0, device=dev)))
+    if keep_quantized and not packable:
+        raise ValueError("keep_quantized=True needs the CPU, float32 and the torch ops (backend='torch', "
+                         f"or None without TRITON_INTERPRET); got {dev}, {dtype}, backend={backend!r}")
+    keep = packable if keep_quantized is None else bool(keep_quantized)
+    sd = load_weights(resolved.path, config, dtype=dtype, device=dev, packed=keep)
+    net = family.from_state_dict(config, sd, backend=backend)
+    del sd
+    try:
+        tokenizer: Tokenizer | None = Tokenizer.load(resolved.path)
+    except TokenizerNotFoundError:
+        tokenizer = None  # token-id prompts still work
+    eos = set(config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return LoadedModel(resolved.name, config, net, tokenizer, frozenset(eos), dev, dtype, backend, keep)

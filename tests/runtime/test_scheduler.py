@@ -1,0 +1,198 @@
+"""The scheduler on its own: no model, no tensors. A fake cache records which token each slot
+holds, so every step can check that what attention would read is exactly the sequence's own
+tokens (prefix hits, chunks, preemption and recomputation included)."""
+import random
+
+import numpy as np
+import pytest
+
+from genfuse._C import BlockManager as _CppBM
+from genfuse.runtime.block_manager import PyBlockManager as BlockManager  # TEMP: C++ extend/cached_prefix_length pending
+from genfuse.runtime.block_manager import PyBlockManager
+from genfuse.runtime.engine.scheduler import Request, Scheduler, Status
+
+V = 50
+
+
+def next_token(tokens):
+    """A deterministic 'model': the next token is a function of the whole prefix."""
+    return (sum((i + 1) * t for i, t in enumerate(tokens)) * 2654435761) % V
+
+
+class FakeCache:
+    def __init__(self, bm):
+        self.bm = bm
+        self.slots = {}
+
+    def run(self, out):
+        """Write every scheduled token into its slot, then check each sequence's whole context."""
+        bs = self.bm.block_size
+        for s in out.scheduled:
+            r = s.request
+            table = self.bm.block_table(r.seq_id)
+            assert self.bm.num_tokens(r.seq_id) == s.start + s.num_tokens
+            for p in range(s.start, s.start + s.num_tokens):
+                self.slots[table[p // bs] * bs + p % bs] = (r.token(p), p)
+        sampled = {}
+        for s in out.scheduled:
+            r = s.request
+            table = self.bm.block_table(r.seq_id)
+            ctx = [self.slots.get(table[p // bs] * bs + p % bs) for p in range(s.start + s.num_tokens)]
+            assert ctx == [(r.token(p), p) for p in range(s.start + s.num_tokens)], r.request_id
+            if s.samples:
+                sampled[r.request_id] = next_token(r.tokens(0, r.num_tokens))
+        return sampled
+
+
+def reference(prompt, max_tokens):
+    toks = list(prompt)
+    for _ in range(max_tokens):
+        toks.append(next_token(toks))
+    return toks[len(prompt):]
+
+
+def drive(sched, cache, max_steps=10_000, on_step=None):
+    finished = {}
+    for step in range(max_steps):
+        if not sched.has_unfinished():
+            return finished, step
+        if on_step is not None:
+            on_step(step)
+        out = sched.schedule()
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        assert len(sched.running) <= sched.max_num_seqs
+        sampled = cache.run(out)
+        sched.update(out, sampled)
+        for s in out.scheduled:
+            r = s.request
+            if r.status is Status.RUNNING and len(r.output_token_ids) >= r.max_tokens:
+                assert r.request_id not in finished
+                finished[r.request_id] = list(r.output_token_ids)
+                sched.finish(r.request_id, "length")
+    raise AssertionError("the schedule did not finish (hang)")
+
+
+@pytest.mark.parametrize("bm_cls", [PyBlockManager], ids=["py"])
+@pytest.mark.parametrize("seed", range(12))
+def test_random_schedules(bm_cls, seed):
+    rng = random.Random(seed)
+    bs = rng.choice([1, 2, 4, 16])
+    shared = [rng.randrange(V) for _ in range(rng.randrange(0, 40))]
+    max_model_len = 96
+    num_blocks = rng.randrange(-(-max_model_len // bs), 3 * max_model_len // bs + 2)
+    bm = bm_cls(num_blocks, bs, rng.random() < 0.8)
+    sched = Scheduler(bm, max_num_seqs=rng.randrange(1, 8), max_num_batched_tokens=rng.randrange(1, 64),
+                      max_model_len=max_model_len, enable_chunked_prefill=True)
+    cache = FakeCache(bm)
+    refs, aborted = {}, set()
+    pending = []
+    for i in range(rng.randrange(5, 25)):
+        prompt = (shared if rng.random() < 0.5 else [])[:rng.randrange(0, 41)]
+        prompt = prompt + [rng.randrange(V) for _ in range(rng.randrange(1, 30))]
+        prompt = prompt[:max_model_len - 2]
+        mt = rng.randrange(1, max_model_len - len(prompt))
+        pending.append((rng.randrange(0, 30), f"r{i}", prompt, mt))
+        refs[f"r{i}"] = reference(prompt, mt)
+
+    last_arrival = max(at for at, *_ in pending)
+    finished = {}
+    for step in range(20_000):
+        for at, rid, prompt, mt in pending:
+            if at == step:
+                sched.add(Request(rid, prompt, mt))
+        if rng.random() < 0.05 and sched.requests:
+            rid = rng.choice(sorted(sched.requests))
+            sched.finish(rid, "abort")
+            aborted.add(rid)
+        if step > last_arrival and not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        assert len(sched.running) <= sched.max_num_seqs
+        sched.update(out, cache.run(out))
+        for s in out.scheduled:
+            r = s.request
+            if r.status is Status.RUNNING and len(r.output_token_ids) >= r.max_tokens:
+                assert r.request_id not in finished
+                finished[r.request_id] = list(r.output_token_ids)
+                sched.finish(r.request_id, "length")
+    else:
+        raise AssertionError("the schedule did not finish (hang)")
+    for rid, ref in refs.items():
+        if rid in aborted:
+            assert rid not in finished or finished[rid] == ref
+        else:
+            assert finished[rid] == ref, rid
+    assert bm.num_free_blocks == num_blocks
+    assert not sched.running and not sched.waiting
+
+
+def test_preemption_newest_first_and_recompute():
+    bm = BlockManager(6, 4, True)  # 24 tokens
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=24)
+    cache = FakeCache(bm)
+    sched.add(Request("old", list(range(1, 9)), 12))
+    sched.add(Request("new", list(range(20, 28)), 12))
+    finished, _ = drive(sched, cache)
+    assert finished["old"] == reference(list(range(1, 9)), 12)
+    assert finished["new"] == reference(list(range(20, 28)), 12)
+    assert sched.stats.num_preemptions >= 1
+    assert sched.requests == {}
+    assert bm.num_free_blocks == 6
+
+
+def test_prefix_hits_counted_and_first_chunk_only_allocated():
+    bm = BlockManager(64, 4, True)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8, max_model_len=64)
+    cache = FakeCache(bm)
+    system = list(range(1, 21))
+    sched.add(Request("a", system + [30], 1))
+    drive(sched, cache)
+    sched.add(Request("b", system + [31, 32], 1))
+    out = sched.schedule()
+    [s] = out.scheduled
+    assert s.start == 20 and s.num_tokens == 2 and s.request.num_cached_tokens == 20
+    assert sched.stats.num_cached_prompt_tokens == 20
+
+
+def test_refusals_carry_numbers():
+    bm = BlockManager(4, 4, True)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=16)
+    with pytest.raises(ValueError, match="16"):
+        sched.add(Request("long", list(range(16)), 1))
+    with pytest.raises(ValueError, match="empty"):
+        sched.add(Request("empty", [], 1))
+    sched.add(Request("x", [1], 1))
+    with pytest.raises(ValueError, match="already in use"):
+        sched.add(Request("x", [1], 1))
+    nochunk = Scheduler(BlockManager(64, 4, True), max_num_seqs=2, max_num_batched_tokens=8,
+                        max_model_len=64, enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="chunked prefill is off"):
+        nochunk.add(Request("y", list(range(9)), 1))
+
+
+def test_no_chunking_waits_for_a_step_with_room():
+    bm = BlockManager(64, 4, True)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8, max_model_len=64,
+                      enable_chunked_prefill=False)
+    cache = FakeCache(bm)
+    sched.add(Request("a", list(range(1, 6)), 4))
+    sched.add(Request("b", list(range(10, 17)), 4))  # 5 + 7 > 8: b waits a step, whole
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("a", 5)]
+    sched.update(out, cache.run(out))
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("a", 1), ("b", 7)]
+
+
+def test_abort_frees_blocks_at_once():
+    bm = BlockManager(16, 4, False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    cache = FakeCache(bm)
+    sched.add(Request("a", list(range(1, 11)), 20))
+    out = sched.schedule()
+    sched.update(out, cache.run(out))
+    assert bm.num_free_blocks < 16
+    assert sched.finish("a", "abort").finish_reason == "abort"
+    assert bm.num_free_blocks == 16 and not sched.has_unfinished()
+    assert sched.finish("a", "abort") is None
