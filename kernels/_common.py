@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,6 +113,67 @@ def check_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tens
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def check_real(name: str, value: object, *, positive: bool = False,
+               nonnegative: bool = False) -> float:
+    """A finite real-number argument (scale, eps, negative_slope, ...) as a float.
+
+    bools, strings and tensors are refused with TypeError; NaN, +-inf and values on the wrong
+    side of zero with ValueError, naming the argument and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not v > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not v >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return v
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale of every attention op: None means ``1 / sqrt(head_dim)``, otherwise a
+    positive finite real (0 would make every row uniform, a negative one inverts the softmax)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    return check_real("scale", scale, positive=True)
+
+
+# --------------------------------------------------------------------------------------
+# Index validation. Index tensors (block tables, lengths, positions) steer the kernels' loads,
+# so an entry out of range reads outside a buffer. The public ops check them with one min/max
+# reduction and one host sync; trusted callers (the engine, a CUDA graph) pass validate=False.
+# --------------------------------------------------------------------------------------
+def min_max(*tensors: torch.Tensor) -> List[Optional[Tuple[int, int]]]:
+    """``(min, max)`` of each integer tensor (None for an empty one), with one host sync."""
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        raise ValueError("validate=True reads index ranges on the host, which a CUDA graph "
+                         "capture cannot do; pass validate=False for trusted indices")
+    stats = [s.to(torch.int64) for t in tensors if t.numel() for s in torch.aminmax(t)]
+    values = torch.stack(stats).tolist() if stats else []
+    out: List[Optional[Tuple[int, int]]] = []
+    for t in tensors:
+        if t.numel():
+            out.append((values[0], values[1]))
+            values = values[2:]
+        else:
+            out.append(None)
+    return out
+
+
+def raise_out_of_range(name: str, t: torch.Tensor, lo: int, hi: int, bound: str,
+                       where: Optional[torch.Tensor] = None) -> None:
+    """Raise ValueError naming the first element of ``t`` outside ``[lo, hi]`` (inclusive):
+    ``block_table[1, 0] = -1 is outside [0, 7] (bound)``. Error path only (it syncs again)."""
+    bad = (t < lo) | (t > hi)
+    if where is not None:
+        bad &= where
+    idx = bad.nonzero()[0].tolist()
+    value = t[tuple(idx)].item()
+    raise ValueError(f"{name}[{', '.join(map(str, idx))}] = {value} is outside [{lo}, {hi}] ({bound})")
+
+
 # --------------------------------------------------------------------------------------
 # Output allocation. Tests switch on poisoning so that an element a kernel forgot to write
 # reads as NaN and fails the comparison instead of passing by luck on recycled memory.
@@ -139,3 +202,8 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tor
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def prev_power_of_2(n: int) -> int:
+    """The largest power of two <= n (1 for n <= 1): a block size that must stay under a cap."""
+    return 1 if n <= 1 else 1 << (int(n).bit_length() - 1)

@@ -132,7 +132,9 @@ def _paged_attention_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    has_keys = l_i > 0.0
+    # l = 0: no visible key (o = 0, lse = -inf). l = NaN (NaN or +inf scores) is not "no key":
+    # its NaN lse must reach the merge and the output, as torch's softmax gives NaN.
+    has_keys = l_i != 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     out_mask = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
@@ -237,8 +239,31 @@ def num_splits_heuristic(programs: int, max_keys: int, sm_count: int = _H100_SMS
     return max(1, min(by_fill, by_len, _MAX_AUTO_SPLITS))
 
 
+def _seq_lens_bound(tq: int, width: int, block_size: int) -> str:
+    return (f"a sequence holds at least its {tq} new token(s), at most block_table's {width} "
+            f"blocks x {block_size} slots")
+
+
+def _check_indices(block_table, seq_lens, tq: int, num_blocks: int, block_size: int) -> None:
+    """``seq_lens`` in ``[max(Tq, 1), width * block_size]`` and every table entry a sequence
+    uses in ``[0, num_blocks)``: one masked min/max reduction and one host sync. Entries past
+    a sequence's end are never read and may hold anything."""
+    B, width = block_table.shape
+    if B == 0:
+        return
+    lo, cap = max(tq, 1), width * block_size
+    # Row b reads entry j iff j * block_size < seq_lens[b] (any seq_len, valid or not).
+    used = torch.arange(width, device=block_table.device) * block_size < seq_lens.view(B, 1)
+    (len_min, len_max), (blk_min, blk_max) = _common.min_max(seq_lens, block_table.where(used, 0))
+    if len_min < lo or len_max > cap:
+        _common.raise_out_of_range("seq_lens", seq_lens, lo, cap, _seq_lens_bound(tq, width, block_size))
+    if blk_min < 0 or blk_max >= num_blocks:
+        _common.raise_out_of_range("block_table", block_table, 0, num_blocks - 1,
+                                   f"k_cache has {num_blocks} blocks", where=used)
+
+
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, num_splits=None,
-                    backend=None):
+                    validate=True, backend=None):
     """Attention of a few new query tokens per sequence over a paged KV cache (decode step).
 
     ``out[b, h, t] = softmax_j(scale * q[b, h, t] . K_b[j, h // G]) @ V_b[:, h // G]`` over the
@@ -252,13 +277,18 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, n
             dtype and device as ``q``, any strides; ``Hq % Hkv == 0``; ``D <= 256``; any
             ``block_size`` (a constexpr: one compile per page size).
         block_table: ``(B, max_blocks_per_seq)`` int32/int64: physical block of each logical
-            block; entries past a sequence's length are never read (may hold garbage).
+            block, in ``[0, num_blocks)``; entries past a sequence's length are never read
+            (may hold garbage).
         seq_lens: ``(B,)`` int32/int64: valid cache tokens per sequence, including the ``Tq``
-            new ones. Caller's contract, not checked (that would sync the host):
-            ``Tq <= seq_lens[b] <= max_blocks_per_seq * block_size``.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+            new ones: ``max(Tq, 1) <= seq_lens[b] <= max_blocks_per_seq * block_size``.
+        scale: softmax scale, a positive finite float; default ``1 / sqrt(D)``.
         num_splits: key splits per sequence (flash-decoding); ``None`` picks
             :func:`num_splits_heuristic` from the table width and the SM count.
+        validate: check ``seq_lens`` and the table entries each sequence uses against the
+            bounds above (ValueError naming the first bad entry), with one masked min/max
+            reduction that syncs the host. A caller whose tables are right by construction
+            (the engine's decode step, a CUDA graph capture, which cannot sync) passes
+            ``validate=False``; a bad index then reads outside the cache.
         backend: ``None``, ``"triton"`` or ``"torch"`` (see ``_common.resolve_backend``).
 
     Returns:
@@ -293,10 +323,12 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, n
             raise TypeError(f"num_splits must be None or an int, got {type(num_splits).__name__}")
         if not 1 <= num_splits <= _MAX_SPLITS:
             raise ValueError(f"num_splits is {num_splits}; supported: 1..{_MAX_SPLITS}")
+    scale = _common.check_scale(scale, D)
+    if validate:
+        _check_indices(block_table, seq_lens, Tq, num_blocks, block_size)
     if _common.resolve_backend(backend, q, k_cache, v_cache) == "torch":
         return paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale=scale)
 
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     out = _common.empty((B, Hq, Tq, D), q.dtype, q.device)
     if out.numel() == 0:
         return out
@@ -343,7 +375,8 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, sca
                               num_splits=None):
     """Plain torch: gather each sequence's K/V from the pool, explicit bottom-right causal mask.
 
-    Same arguments as :func:`paged_attention` (``num_splits`` is ignored). Computes in fp32 for
+    Same arguments as :func:`paged_attention` (``num_splits`` is ignored; ``seq_lens`` is read
+    on the host and checked, the table entries are not: see ``validate``). Computes in fp32 for
     fp16/bf16 inputs, in the input dtype otherwise (float64 in tests). The whole batch at once:
     every sequence's first ``max(seq_lens)`` cache slots are gathered and slots past its own
     length are masked; the ``G = Hq / Hkv`` query heads sharing a KV head are stacked as extra
@@ -354,9 +387,13 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, sca
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    if B == 0:
+        return q.new_empty(q.shape)
     lens = seq_lens.tolist()  # the host needs the longest length: the reference may sync
-    for b, L in enumerate(lens):
-        assert Tq <= L <= block_table.shape[1] * block_size, f"seq_lens[{b}] = {L} out of range"
+    lo, cap = max(Tq, 1), block_table.shape[1] * block_size
+    if min(lens) < lo or max(lens) > cap:
+        _common.raise_out_of_range("seq_lens", seq_lens, lo, cap,
+                                   _seq_lens_bound(Tq, block_table.shape[1], block_size))
     L = max(lens)
     n_blocks = -(-L // block_size)
     blocks = block_table[:, :n_blocks].long()  # (B, n_blocks)
@@ -365,6 +402,11 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, *, sca
         blocks = blocks.where(used, 0)  # never read them
     k = k_cache[blocks].reshape(B, n_blocks * block_size, Hkv, D)[:, :L].to(compute)  # (B, L, Hkv, D)
     v = v_cache[blocks].reshape(B, n_blocks * block_size, Hkv, D)[:, :L].to(compute)
+    if min(lens) < L:
+        # Slots past a shorter sequence's end may hold anything: a NaN there would leak into the
+        # output through 0 * NaN in p @ v, where the kernel never loads them.
+        past = torch.arange(L, device=q.device) >= seq_lens.view(B, 1)  # (B, L)
+        v = v.masked_fill(past[:, :, None, None], 0)
     qg = q.to(compute).reshape(B, Hkv, G * Tq, D)  # query head h = kv * G + g
     scores = (qg @ k.permute(0, 2, 3, 1)).mul_(scale)  # (B, Hkv, G * Tq, L)
     if Tq > 1 or min(lens) < L:  # else every key is visible to every query: no mask

@@ -82,7 +82,7 @@ def _rotary_kernel(
     pid_h = tl.program_id(1)
     b = (pid_bt // T).to(tl.int64)
     t = (pid_bt % T).to(tl.int64)
-    # Positions are not range-checked (that needs a host sync): caller's contract.
+    # Positions are range-checked by the launcher (validate=True) or trusted (validate=False).
     pos = tl.load(pos_ptr + b * stride_pb + t * stride_pt).to(tl.int64)
     c = tl.arange(0, BLOCK_HALF)
     c_ok = c < HALF
@@ -115,7 +115,9 @@ def _launch_settings(hq: int, hkv: int, half: int, d: int) -> Tuple[int, int, in
     tail = d - 2 * half
     block_tail = _common.next_power_of_2(tail) if tail > 0 else 1
     width = 2 * block_half + (block_tail if tail > 0 else 0)
-    block_h = min(_common.next_power_of_2(max(hq, hkv)), max(1, 2048 // width))
+    # width is a sum of powers of two (e.g. 16 + 16 + 64 = 96 for head 80 / rotary 32), so
+    # 2048 // width need not be one: round the cap down, tl.arange takes powers of two only.
+    block_h = min(_common.next_power_of_2(max(hq, hkv)), _common.prev_power_of_2(2048 // width))
     num_warps = 4 if block_h * width <= 2048 else 8
     return block_h, block_half, block_tail, num_warps
 
@@ -149,6 +151,16 @@ def _check_inputs(q, k, cos, sin, positions) -> None:
     _common.check_device("q", q, cos=cos, sin=sin, positions=positions)
 
 
+def _check_positions(positions: torch.Tensor, n_pos: int) -> None:
+    """Every position indexes a row of the tables: one min/max reduction, one host sync."""
+    if positions.numel() == 0:
+        return
+    ((lo, hi),) = _common.min_max(positions)
+    if lo < 0 or hi >= n_pos:
+        _common.raise_out_of_range("positions", positions, 0, n_pos - 1,
+                                   f"the cos/sin tables have {n_pos} rows")
+
+
 def rotary_embedding(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,6 +168,7 @@ def rotary_embedding(
     sin: torch.Tensor,
     positions: torch.Tensor,
     *,
+    validate: bool = True,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Apply rotate-half rotary embedding to q and k (one kernel launch for both).
@@ -171,12 +184,17 @@ def rotary_embedding(
         a packed ``(B, T, Hq + 2*Hkv, D)`` projection); Hq and Hkv are independent (GQA).
         cos, sin ``(max_positions, r/2)`` float32 (from :func:`rope_cos_sin`), r <= D.
         positions ``(B, T)`` (per-sequence, e.g. batched decode) or ``(T,)`` (shared), int32
-        or int64, each in ``[0, max_positions)``: NOT checked on the Triton path (that would
-        cost a host sync); an out-of-range position reads outside the tables.
+        or int64, each in ``[0, max_positions)``.
+    ``validate=True`` checks the positions against the tables (ValueError naming the first one
+    out of range) with one min/max reduction that syncs the host; a caller whose positions are
+    right by construction (the engine, a CUDA graph capture) passes ``validate=False``, and an
+    out-of-range position then reads outside the tables.
     Returns ``(q_out, k_out)``, new contiguous ``(B, H, T, D)`` tensors in q's dtype; the
     rotation is computed in fp32.
     """
     _check_inputs(q, k, cos, sin, positions)
+    if validate:
+        _check_positions(positions, cos.shape[0])
     if _common.resolve_backend(backend, q, k) == "torch":
         return rotary_embedding_reference(q, k, cos, sin, positions)
 
@@ -239,8 +257,8 @@ def _check_scaling(scaling: object) -> dict:
     missing = [key for key in _LLAMA3_KEYS if key not in scaling]
     if missing:
         raise ValueError(f"scaling (llama3) is missing {', '.join(missing)}")
-    if not scaling["factor"] > 0:
-        raise ValueError(f"scaling factor must be > 0, got {scaling['factor']}")
+    for key in _LLAMA3_KEYS:  # each divides something: NaN, inf, 0 or < 0 make garbage tables
+        _common.check_real(f"scaling {key}", scaling[key], positive=True)
     if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ValueError(f"scaling high_freq_factor ({scaling['high_freq_factor']}) must exceed "
                          f"low_freq_factor ({scaling['low_freq_factor']})")
@@ -269,8 +287,7 @@ def rope_cos_sin(
     if (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2
             or rotary_dim % 2):
         raise ValueError(f"rotary_dim must be a positive even int, got {rotary_dim!r}")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise ValueError(f"theta must be a positive float, got {theta!r}")
+    theta = _common.check_real("theta", theta, positive=True)
     exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
     inv_freq = 1.0 / (float(theta) ** exponent)                        # (r/2,)
     if scaling is not None:

@@ -203,7 +203,7 @@ class Llama:
         q = qkv[..., :c.q_size].view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = qkv[..., c.q_size:c.q_size + c.kv_size].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = qkv[..., c.q_size + c.kv_size:].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = rotary_embedding(q, k, self.cos, self.sin, positions, backend=be)  # (B, H, T, D)
+        q, k = rotary_embedding(q, k, self.cos, self.sin, positions, validate=False, backend=be)  # (B, H, T, D)
         cache = self.cache
         if row is not None:  # prefill of one sequence from position 0
             cache.write_prefill(i, row, k, v)
@@ -212,7 +212,7 @@ class Llama:
             pos = positions[:, 0]
             cache.write_decode(i, pos, k, v)
             y = paged_attention(q, cache.k[i], cache.v[i], cache.block_table[:B], pos + 1,
-                                backend=be)  # (B, Hq, 1, D)
+                                validate=False, backend=be)  # (B, Hq, 1, D)
         y = y.transpose(1, 2).reshape(B, T, c.q_size)  # (B, T, Hq * D)
         return linear(y, lw.w_o, lw.b_o, residual=h, backend=be)
 

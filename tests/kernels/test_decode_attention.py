@@ -212,3 +212,114 @@ def test_bf16_triton_on_cpu_refused():
     q, k, v, table, seq_lens = make_inputs("cpu", torch.bfloat16, B=1, lens=(4,), D=16)
     with pytest.raises(TypeError, match="bfloat16"):
         paged_attention(q, k, v, table, seq_lens, backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# Bad indices, scales and sizes (issue 10): refused by name before any load, on both paths
+# --------------------------------------------------------------------------------------
+BACKENDS = [pytest.param(None, id="kernel"), pytest.param("torch", id="torch")]
+
+
+def _small(device, index_dtype=torch.int64):
+    # pool of 6 blocks of 16; sequence 0 uses block 0 (5 tokens), sequence 1 blocks 5, 2 (20)
+    q, k, v, table, seq_lens = make_inputs(device, torch.float32, B=2, lens=(5, 20), Hq=2, Hkv=1,
+                                           D=16, index_dtype=index_dtype)
+    assert k.shape[0] == 6 and table.shape == (2, 4)
+    return q, k, v, table, seq_lens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entry, value", [((0, 0), -1), ((1, 1), 6), ((1, 0), 10**8), ((0, 0), 2**40)])
+def test_block_table_entry_out_of_range(device, backend, entry, value):
+    q, k, v, table, seq_lens = _small(device)
+    table[entry] = value
+    with pytest.raises(ValueError, match=rf"block_table\[{entry[0]}, {entry[1]}\] = {value} is outside "
+                                         r"\[0, 5\] \(k_cache has 6 blocks\)"):
+        paged_attention(q, k, v, table, seq_lens, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [0, -1, 65, 10**6])
+def test_seq_lens_out_of_range(device, backend, value):
+    q, k, v, table, seq_lens = _small(device, torch.int32)
+    seq_lens[1] = value  # the table holds 4 blocks x 16 = 64 tokens
+    with pytest.raises(ValueError, match=rf"seq_lens\[1\] = {value} is outside \[1, 64\] "
+                                         r"\(a sequence holds at least its 1 new token"):
+        paged_attention(q, k, v, table, seq_lens, backend=backend)
+
+
+def test_seq_lens_shorter_than_new_tokens(device):
+    q, k, v, table, seq_lens = make_inputs(device, torch.float32, B=2, Tq=3, lens=(3, 20), Hq=2, Hkv=1, D=16)
+    seq_lens[0] = 2
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 2 is outside \[3, "):
+        paged_attention(q, k, v, table, seq_lens)
+    # the reference reads the lengths on the host anyway: it raises too (it used to assert)
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 2 is outside \[3, "):
+        paged_attention_reference(q, k, v, table, seq_lens)
+
+
+def test_only_used_table_entries_are_checked(device):
+    # entries past a sequence's end may hold anything (the engine's tables do): no error, and
+    # the entry of the block a length ends in is checked, the one after it is not.
+    q, k, v, table, seq_lens = _small(device)
+    table[0, 1:] = -(2**40)
+    table[1, 2:] = 2**40
+    check(q, k, v, table, seq_lens, torch.float32)
+    seq_lens[0] = 17  # now sequence 0 reads entry 1
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] = -1099511627776"):
+        paged_attention(q, k, v, table, seq_lens)
+
+
+def test_validate_false_skips_the_check(device, monkeypatch):
+    # the engine's decode step (and a CUDA graph capture) must not sync the host
+    q, k, v, table, seq_lens = _small(device)
+    ref = paged_attention(q, k, v, table, seq_lens)
+
+    def no_sync(*tensors):
+        raise AssertionError("validate=False must not reduce the indices")
+
+    monkeypatch.setattr(da._common, "min_max", no_sync)
+    for backend in (None, "torch"):
+        out = paged_attention(q, k, v, table, seq_lens, validate=False, backend=backend)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="must not reduce"):
+        paged_attention(q, k, v, table, seq_lens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale, exc, match", [
+    (float("nan"), ValueError, "scale must be finite, got nan"), (float("inf"), ValueError, "finite"),
+    (-1.0, ValueError, "scale must be > 0, got -1"), (0, ValueError, "scale must be > 0, got 0"),
+    ("abc", TypeError, "scale must be a real number, got str 'abc'"), (True, TypeError, "got bool"),
+    (torch.tensor(0.5), TypeError, "got Tensor")])
+def test_scale_checked_like_attention(device, backend, scale, exc, match):
+    q, k, v, table, seq_lens = _small(device)
+    with pytest.raises(exc, match=match):
+        paged_attention(q, k, v, table, seq_lens, scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_both_paths(device, backend):
+    q, k, v, table, seq_lens = _small(device)
+    out = paged_attention(q[:0], k, v, table[:0], seq_lens[:0], backend=backend)
+    assert out.shape == (0, 2, 1, 16) and out.dtype == q.dtype
+    assert paged_attention_reference(q[:0], k, v, table[:0], seq_lens[:0]).shape == (0, 2, 1, 16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_nan_in_unused_cache_slots_never_leaks(device, num_splits):
+    # Slots past a sequence's end (in its last block, and the blocks it does not own) may hold
+    # anything, NaN included: neither path may read them (the reference used to, 0 * NaN).
+    q, k, v, table, seq_lens = make_inputs(device, torch.float32, B=3, Hq=4, Hkv=2, D=16, Tq=2,
+                                           lens=(2, 21, 40), width_extra=0)
+    used = torch.zeros(k.shape[:2], dtype=torch.bool, device=device)
+    for b, n in enumerate(seq_lens.tolist()):
+        for pos in range(n):
+            used[table[b, pos // 16], pos % 16] = True
+    k[~used] = float("nan")
+    v[~used] = float("nan")
+    for backend in (None, "torch"):
+        out = paged_attention(q, k, v, table, seq_lens, num_splits=num_splits, backend=backend)
+        assert torch.isfinite(out).all(), backend
+    ref = paged_attention_reference(*helpers.to64(q, k.nan_to_num(), v.nan_to_num()), table.cpu(), seq_lens.cpu())
+    helpers.assert_close(paged_attention(q, k, v, table, seq_lens, num_splits=num_splits), ref, torch.float32)

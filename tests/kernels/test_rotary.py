@@ -163,7 +163,7 @@ def test_rope_cos_sin_errors():
         rotary.rope_cos_sin(0, 64)
     with pytest.raises(ValueError, match="rotary_dim must be a positive even int, got 63"):
         rotary.rope_cos_sin(8, 63)
-    with pytest.raises(ValueError, match="theta must be a positive float, got -1"):
+    with pytest.raises(ValueError, match="theta must be > 0, got -1"):
         rotary.rope_cos_sin(8, 64, -1.0)
     with pytest.raises(TypeError, match="scaling must be None or a dict"):
         rotary.rope_cos_sin(8, 64, scaling=8.0)
@@ -213,3 +213,73 @@ def test_errors(device):
         call(q, k, cos, sin, torch.zeros(3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="backend"):
         call(q, k, cos, sin, positions, backend="gpu")
+
+
+# Partial rotary widths that are not powers of two, with more heads than 2048 // width: the
+# head block used to be 2048 // width itself (21 for head 80 / rotary 32) and failed to launch.
+WIDE_PARTIAL = [
+    (1, 32, 32, 3, 80, 32),    # Phi-2: 32 heads, head dim 80, rotary 32 (block width 96)
+    (1, 16, 4, 2, 256, 32),    # head 256 / rotary 32 (width 288: cap 7)
+    (1, 64, 8, 2, 41, 40),     # head 41 / rotary 40 (width 65: cap 31)
+]
+
+
+@pytest.mark.parametrize("cfg", WIDE_PARTIAL, ids=lambda c: "Hq{}-D{}-r{}".format(*c[1:2], *c[4:]))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_partial_rotary_many_heads(cfg, dtype, device):
+    q, k, cos, sin, positions = _make(cfg, dtype, device, "packed", 2)
+    q_out, k_out = _check(q, k, cos, sin, positions, dtype)
+    r = cfg[-1]
+    assert torch.equal(q_out[..., r:], q[..., r:]) and torch.equal(k_out[..., r:], k[..., r:])
+
+
+@pytest.mark.parametrize("d", [16, 41, 64, 80, 96, 100, 128, 160, 256])
+def test_launch_settings_blocks_are_powers_of_two(d):
+    for r in range(2, d + 1, 2):
+        for heads in (1, 7, 32, 64, 128):
+            block_h, block_half, block_tail, _ = rotary._launch_settings(heads, 1, r // 2, d)
+            for b in (block_h, block_half, block_tail):
+                assert b & (b - 1) == 0, (d, r, heads, block_h, block_half, block_tail)
+            width = 2 * block_half + (block_tail if d > r else 0)
+            assert block_h == 1 or block_h * width <= 2048  # still about 2k elements a program
+
+
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["kernel", "torch"])
+@pytest.mark.parametrize("pos_dim", [1, 2])
+@pytest.mark.parametrize("bad", [-1, 37, 10**9])
+def test_positions_outside_the_tables(device, backend, pos_dim, bad):
+    # -1 used to wrap to the last row on the torch path; the kernel read outside the tables
+    q, k, cos, sin, positions = _make((2, 4, 2, 3, 64, 32), torch.float32, device, "contiguous", pos_dim)
+    positions[(..., 1)] = bad
+    where = r"positions\[1\]" if pos_dim == 1 else r"positions\[0, 1\]"
+    with pytest.raises(ValueError, match=rf"{where} = {bad} is outside \[0, 36\] \(the cos/sin tables have 37 rows\)"):
+        rotary.rotary_embedding(q, k, cos, sin, positions, backend=backend)
+
+
+def test_validate_false_skips_the_check(device, monkeypatch):
+    q, k, cos, sin, positions = _make((2, 4, 2, 3, 64, 32), torch.float32, device, "contiguous", 2)
+    want = rotary.rotary_embedding(q, k, cos, sin, positions)
+
+    def no_sync(*tensors):
+        raise AssertionError("validate=False must not reduce the positions")
+
+    monkeypatch.setattr(_common, "min_max", no_sync)
+    for backend in (None, "torch"):
+        got = rotary.rotary_embedding(q, k, cos, sin, positions, validate=False, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match="must not reduce"):
+        rotary.rotary_embedding(q, k, cos, sin, positions)
+
+
+def test_rope_float_arguments_checked():
+    for theta in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="theta must be"):
+            rotary.rope_cos_sin(8, 16, theta)
+    with pytest.raises(TypeError, match="theta must be a real number, got str"):
+        rotary.rope_cos_sin(8, 16, "1e4")
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    for key, value in (("factor", 0.0), ("factor", float("inf")), ("low_freq_factor", float("nan")),
+                       ("original_max_position_embeddings", -1)):
+        with pytest.raises(ValueError, match=f"scaling {key} must be"):
+            rotary.rope_cos_sin(8, 16, scaling=dict(llama3, **{key: value}))
