@@ -7,7 +7,9 @@ inside a CUDA graph or ahead of the host. The pipeline, per row, in Hugging Face
 
     repetition penalty (HF semantics) -> temperature -> top-k -> top-p -> min-p -> draw
 
-A row with ``temperature == 0`` is greedy: the argmax of the penalized logits, no filtering.
+A row with ``temperature`` below `GREEDY_BELOW` (1e-5, vLLM's threshold) is greedy: the argmax of
+the penalized logits, no filtering (dividing float32 logits by a temperature of 1e-45 overflows
+them to inf, and softmax would turn the row into NaN).
 The draw is the exponential race: ``argmax(probs / E)`` with ``E ~ Exponential(1)`` i.i.d. per
 token picks token i with probability probs[i] (the minimum of exponentials with rates p_i is
 attained at i with probability p_i / sum p), and a filtered-out token has probability exactly 0
@@ -27,13 +29,18 @@ from typing import Sequence
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's _SAMPLING_EPS)
+_SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed accepts
+_TOP_K_MAX = 2**62  # fits the int64 per-row tensor; any k >= vocab keeps everything
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to generate: length, randomness, filters, penalties and stop conditions.
 
     - ``max_tokens``: the most tokens to generate (>= 1).
-    - ``temperature``: 0 is greedy; > 0 divides the logits.
+    - ``temperature``: finite, >= 0; 0 (or anything below 1e-5, `GREEDY_BELOW`) is greedy;
+      otherwise it divides the logits.
     - ``top_k``: keep the k most likely tokens (ties with the k-th kept); 0 = off.
     - ``top_p``: keep the smallest most-likely set whose probability reaches top_p, in (0, 1];
       1 = off.
@@ -41,7 +48,9 @@ class SamplingParams:
       0 = off.
     - ``repetition_penalty``: > 0; 1 = off. Tokens already seen (prompt and output) have
       their logit divided by it when positive, multiplied when negative (HF / CTRL).
-    - ``seed``: seeds this request's generator (`make_generator`); None = unseeded.
+    - ``seed``: an int in [-2**63, 2**64) seeding this request's own generator
+      (`make_generator`): every prompt of a batch draws from its own generator, so a seeded
+      prompt gives the same tokens alone or batched with others; None = unseeded.
     - ``stop``: strings that end generation (not included in the output); str or list of str.
     - ``stop_token_ids``: token ids that end generation, besides the model's EOS ids.
     - ``ignore_eos``: keep generating past EOS (benchmarks).
@@ -64,8 +73,8 @@ class SamplingParams:
         t = _real("temperature", self.temperature)
         if t < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= _TOP_K_MAX:
+            raise ValueError(f"top_k must be an int in [0, 2**62] (0 = off), got {self.top_k!r}")
         p = _real("top_p", self.top_p)
         if not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p}")
@@ -75,8 +84,8 @@ class SamplingParams:
         rp = _real("repetition_penalty", self.repetition_penalty)
         if rp <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {rp}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and _SEED_RANGE[0] <= self.seed < _SEED_RANGE[1]):
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}")
         stop = self.stop
         if stop is None:
             stop = ()
@@ -106,7 +115,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def make_generator(self, device: str | torch.device = "cpu") -> torch.Generator | None:
         """A generator for this request on ``device``, seeded with ``seed``; None when unseeded
@@ -179,16 +188,16 @@ def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParam
         pen = per_row("repetition_penalty")
         x = apply_repetition_penalty(x, prev, pen.view(B) if isinstance(pen, torch.Tensor) else pen)
 
-    greedy_rows = [r.temperature == 0 for r in rows]
+    greedy_rows = [r.greedy for r in rows]
     greedy = x.argmax(dim=-1)  # of the penalized logits, before temperature and filters
     if all(greedy_rows):
         return greedy[0] if squeeze else greedy
 
-    temp = per_row("temperature")
-    if isinstance(temp, torch.Tensor):
-        x = x / torch.where(temp == 0, torch.ones_like(temp), temp)
+    temps = [1.0 if g else r.temperature for g, r in zip(greedy_rows, rows)]  # greedy rows take argmax below
+    if all(t == temps[0] for t in temps):
+        x = x / temps[0]
     else:
-        x = x / temp
+        x = x / torch.tensor(temps, dtype=torch.float32, device=dev).view(B, 1)
 
     if any(r.top_k > 0 for r in rows):
         x = _top_k(x, per_row("top_k", torch.int64), V)

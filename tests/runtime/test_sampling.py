@@ -43,6 +43,22 @@ def _logits(B=1, V=V, seed=0):
     ({"seed": "1"}, "seed"),
     ({"temperature": True}, "temperature"),
     ({"ignore_eos": 1}, "ignore_eos"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"min_p": float("nan")}, "min_p"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"top_k": 2**63}, "top_k"),  # past int64: the per-row tensor could not hold it
+    ({"top_k": True}, "top_k"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_tokens": "16"}, "max_tokens"),
+    ({"seed": 2**64}, "seed"),  # torch.Generator.manual_seed's range is [-2**63, 2**64)
+    ({"seed": -2**63 - 1}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"seed": True}, "seed"),
+    ({"stop": [None]}, "stop"),
+    ({"stop_token_ids": [1.0]}, "stop_token_ids"),
 ])
 def test_invalid_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -74,6 +90,22 @@ def test_greedy_is_argmax():
     assert torch.equal(sample(x, p), x.argmax(-1))
     assert sample(x[0], p).item() == x[0].argmax().item()  # 1-D logits -> 0-d
     assert sample(x.half(), p).dtype == torch.int64
+
+
+def test_tiny_temperatures_are_greedy():
+    """temperature=1e-45 used to divide the logits to inf, softmax made NaN of them and argmax
+    then picked token 0 every time; below 1e-5 (vLLM's threshold) a row is greedy."""
+    x = _logits(B=8, seed=3)
+    for t in (1e-45, 1e-30, 9.9e-6):
+        p = SamplingParams(temperature=t, seed=0)
+        assert p.greedy
+        assert torch.equal(sample(x, p, torch.Generator().manual_seed(0)), x.argmax(-1))
+    rows = [SamplingParams(temperature=1e-45), SamplingParams(temperature=1.0)] * 4  # mixed in one batch
+    out = sample(x, rows, torch.Generator().manual_seed(0))
+    assert torch.equal(out[0::2], x[0::2].argmax(-1))
+    assert not SamplingParams(temperature=1e-5).greedy
+    assert SamplingParams(seed=2**64 - 1).make_generator() is not None  # the edges of the seed range work
+    assert SamplingParams(seed=-2**63).make_generator() is not None
 
 
 def test_seeded_reproducible():
