@@ -67,10 +67,14 @@ class DecodeRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # rows -> (graph, logits)
         self._pool = self._stream = None
 
+    def cache_rows(self, batch: int) -> int:
+        """Rows of KV cache a batch of ``batch`` sequences needs: its bucket when padding."""
+        return bucket(batch) if self.pad else batch
+
     def setup_cache(self, batch: int, max_len: int):
         """The model's KV cache for ``batch`` sequences of ``max_len`` tokens, with a row for every
         row of the batch's bucket when padding."""
-        cache = self.model.setup_cache(bucket(batch) if self.pad else batch, max_len)
+        cache = self.model.setup_cache(self.cache_rows(batch), max_len)
         self._adopt(cache)
         return cache
 
