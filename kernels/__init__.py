@@ -13,6 +13,8 @@ from .conv2d import conv2d, conv2d_reference, fold_batchnorm
 from .conv_transpose2d import conv_transpose2d, conv_transpose2d_reference
 from .group_norm import group_norm, group_norm_reference
 from .decode_attention import num_splits_heuristic, paged_attention, paged_attention_reference
+from .kv_cache import write_kv_cache, write_kv_cache_reference
+from .unified_attention import unified_attention, unified_attention_reference
 
 __all__ = [
     "poison_outputs",
@@ -25,4 +27,6 @@ __all__ = [
     "conv_transpose2d", "conv_transpose2d_reference",
     "group_norm", "group_norm_reference",
     "paged_attention", "paged_attention_reference", "num_splits_heuristic",
+    "write_kv_cache", "write_kv_cache_reference",
+    "unified_attention", "unified_attention_reference",
 ]

@@ -109,6 +109,9 @@ def _check_inputs(k, v, k_cache, v_cache, slot_mapping):
 
 def _check_slots(slot_mapping, num_blocks, block_size):
     """Data-dependent checks (one host sync): every slot < capacity, no slot written twice."""
+    if slot_mapping.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("validate=True reads slot_mapping on the host, which a CUDA graph "
+                         "capture cannot do; pass validate=False for a trusted mapping")
     capacity = num_blocks * block_size
     s = slot_mapping.long()
     live = s[s >= 0]
