@@ -201,8 +201,9 @@ def _attn_fwd_kernel(
         acc, l_i, m_i, q, kt_ptrs, v_ptrs, stride_kn, stride_vn,
         offs_m, offs_d, offs_dv, full, hi, S, diag, qk_scale, HEAD_DIM, True, IS_CAUSAL, EVEN_D, BLOCK_N)
 
-    # Rows that saw no key (causal, T > S) have l = 0: output 0 and lse = -inf, not NaN.
-    seen = l_i > 0.0
+    # Rows that saw no key (causal, T > S) have l = 0: output 0 and lse = -inf, not NaN. A row
+    # whose scores held NaN or +inf has l = NaN and must stay NaN (as torch), hence != not >.
+    seen = l_i != 0.0
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     out = acc * inv_l[:, None]
     o_ptrs = o_base + offs_i[:, None] * stride_ot + offs_dv[None, :]
@@ -346,16 +347,6 @@ def _bucket(n: int) -> int:
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
-def _check_scale(scale: object, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a positive float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number, got {scale}")
-    return float(scale)
-
-
 def _check_inputs(q, k, v, scale) -> float:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_tensor(name, t, ndim=4)
@@ -374,7 +365,7 @@ def _check_inputs(q, k, v, scale) -> float:
         raise ValueError(f"k and v have {s} keys; attention needs at least one")
     if d < 1 or d > MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {d}; supported head dims are 1..{MAX_HEAD_DIM}")
-    return _check_scale(scale, d)
+    return _common.check_scale(scale, d)
 
 
 def attention(
@@ -402,7 +393,8 @@ def attention(
 
     ``scale`` defaults to ``1 / sqrt(D)``. ``causal=True`` aligns the mask bottom-right:
     query ``i`` sees keys ``j <= i + S - T`` (the KV-cache convention of flash-attn, not
-    SDPA's top-left ``is_causal``). Rows that see no key (``T > S``) give 0 and lse -inf.
+    SDPA's top-left ``is_causal``). Rows that see no key (``T > S``) give 0 and lse -inf;
+    a NaN or +inf among a row's scores makes that row NaN, as torch's softmax does.
     fp16/bf16/fp32 inputs; softmax and accumulation in fp32 (on CUDA, fp32 dots run in tf32).
     """
     scale = _check_inputs(q, k, v, scale)
@@ -479,7 +471,9 @@ def attention_reference(
         j = torch.arange(s, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + (s - t), float("-inf"))   # (T, S) bottom-right
     lse = torch.logsumexp(scores, dim=-1)                # (B, Hq, T); -inf for empty rows
-    seen = torch.isfinite(lse)[..., None]
+    # Only rows that see no key (lse = -inf) give 0; a row whose scores hold NaN or +inf has a
+    # NaN or +inf lse and must come out NaN, as torch's softmax and the kernel give.
+    seen = (lse != float("-inf"))[..., None]
     p = torch.where(seen, torch.exp(scores - torch.where(seen, lse[..., None], 0.0)), 0.0)
     out = (p @ vc).to(q.dtype)                           # (B, Hq, T, D)
     return (out, lse) if return_lse else out

@@ -44,7 +44,8 @@ IntPair = Union[int, Tuple[int, int]]
 def _activation(x, ACTIVATION: tl.constexpr, negative_slope):
     """Apply the epilogue activation to an fp32 tile (``ACTIVATION`` compiles the branch away)."""
     if ACTIVATION == "relu":
-        x = tl.maximum(x, 0.0)
+        # not tl.maximum: it returns the non-NaN operand, and relu(NaN) must stay NaN (torch)
+        x = tl.where(x < 0.0, 0.0, x)
     elif ACTIVATION == "silu":
         x = x * tl.sigmoid(x)
     elif ACTIVATION == "tanh":
@@ -210,9 +211,11 @@ def _pair(name: str, v: IntPair, minimum: int) -> Tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _check_activation(activation: Optional[str]) -> None:
+def _check_activation(activation: Optional[str], negative_slope: object) -> float:
+    """The epilogue's activation name and leaky_relu slope (any finite real), as a float."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _common.check_real("negative_slope", negative_slope)
 
 
 def _strictly_channels_last(t: torch.Tensor) -> bool:
@@ -246,7 +249,7 @@ def conv2d(
     """``out = act(conv2d(up(x), weight, stride, padding) + bias) + residual``, one kernel.
 
     Shapes:
-        x        ``(N, C, H, W)``, any strides (NCHW or channels-last memory)
+        x        ``(N, C, H, W)``, any strides (NCHW or channels-last memory); N may be 0
         weight   ``(K, C, R, S)`` as ``nn.Conv2d`` (groups=1, dilation=1), any strides
         bias     ``(K,)`` or None
         residual ``(N, K, Ho, Wo)`` or None, added after the activation
@@ -270,7 +273,7 @@ def conv2d(
     if cw != c:
         raise ValueError(f"weight has {cw} input channels but x has {c} "
                          f"(weight (K, C, R, S) = {tuple(weight.shape)})")
-    if min(n, c, h, w, k, r, s) < 1:
+    if min(c, h, w, k, r, s) < 1:  # an empty batch (N = 0) is fine: an empty output
         raise ValueError(f"empty conv: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if bias is not None:
         _common.check_tensor("bias", bias, ndim=1)
@@ -281,7 +284,7 @@ def conv2d(
     ph, pw = _pair("padding", padding, 0)
     if not isinstance(upsample, int) or isinstance(upsample, bool) or upsample < 1:
         raise ValueError(f"upsample must be a positive int, got {upsample!r}")
-    _check_activation(activation)
+    negative_slope = _check_activation(activation, negative_slope)
     ho = (h * upsample + 2 * ph - r) // sh + 1
     wo = (w * upsample + 2 * pw - s) // sw + 1
     if ho < 1 or wo < 1:
@@ -299,11 +302,13 @@ def conv2d(
                                 activation=activation, negative_slope=negative_slope, residual=residual)
 
     out = _out_like(x, weight, (n, k, ho, wo))
+    if n == 0:
+        return out
     b_arg = bias if bias is not None else out          # never read when HAS_BIAS is False
     r_arg = residual if residual is not None else out
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     args = (x, weight, b_arg, r_arg, out,
-            n, c, h, w, k, ho, wo, r, s, sh, sw, ph, pw, float(negative_slope),
+            n, c, h, w, k, ho, wo, r, s, sh, sw, ph, pw, negative_slope,
             *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
             *r_strides, *out.stride())
     meta = dict(UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation or "",
@@ -373,6 +378,7 @@ def fold_batchnorm(weight, bias, bn_weight, bn_bias, running_mean, running_var, 
             _common.check_tensor(name, t, ndim=1, dtypes=())
             if t.shape[0] != k:
                 raise ValueError(f"{name} has {t.shape[0]} elements but the conv has {k} output channels")
+    eps = _common.check_real("eps", eps, nonnegative=True)
     g = running_var.double().add(eps).rsqrt()
     if bn_weight is not None:
         g = g * bn_weight.double()

@@ -203,7 +203,7 @@ def conv_transpose2d(
     """``out = act(conv_transpose2d(x, weight, stride, padding, output_padding) + bias)``.
 
     Shapes:
-        x       ``(N, C_in, H, W)``, any strides (NCHW or channels-last memory)
+        x       ``(N, C_in, H, W)``, any strides (NCHW or channels-last memory); N may be 0
         weight  ``(C_in, C_out, R, S)`` as ``nn.ConvTranspose2d`` (groups=1, dilation=1)
         bias    ``(C_out,)`` or None
         out     ``(N, C_out, Ho, Wo)`` in x's dtype; channels-last memory when x or weight
@@ -225,7 +225,7 @@ def conv_transpose2d(
     if cw != ci:
         raise ValueError(f"weight has {cw} input channels but x has {ci} "
                          f"(transposed-conv weight (C_in, C_out, R, S) = {tuple(weight.shape)})")
-    if min(n, ci, h, w, co, r, s) < 1:
+    if min(ci, h, w, co, r, s) < 1:  # an empty batch (N = 0) is fine: an empty output
         raise ValueError(f"empty transposed conv: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if bias is not None:
         _common.check_tensor("bias", bias, ndim=1)
@@ -237,7 +237,7 @@ def conv_transpose2d(
     oph, opw = _pair("output_padding", output_padding, 0)
     if oph >= sh or opw >= sw:
         raise ValueError(f"output_padding {(oph, opw)} must be smaller than stride {(sh, sw)}")
-    _check_activation(activation)
+    negative_slope = _check_activation(activation, negative_slope)
     ho = (h - 1) * sh - 2 * ph + r + oph
     wo = (w - 1) * sw - 2 * pw + s + opw
     if ho < 1 or wo < 1:
@@ -250,8 +250,10 @@ def conv_transpose2d(
                                           negative_slope=negative_slope)
 
     out = _out_like(x, weight, (n, co, ho, wo))
+    if n == 0:
+        return out
     b_arg = bias if bias is not None else out        # never read when HAS_BIAS is False
-    args = (x, weight, b_arg, out, n, ci, h, w, co, ho, wo, r, s, ph, pw, float(negative_slope),
+    args = (x, weight, b_arg, out, n, ci, h, w, co, ho, wo, r, s, ph, pw, negative_slope,
             *x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0, *out.stride())
     hq, wq = triton.cdiv(ho, sh), triton.cdiv(wo, sw)
     meta = dict(STRIDE_H=sh, STRIDE_W=sw, BATCH_INNER=n > 1 and hq * wq < _BATCH_INNER_MAX_PIXELS,

@@ -335,10 +335,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
         if t.shape[0] != C:
             raise ValueError(f"{name} has {t.shape[0]} elements but x has {C} channels")
     _common.check_same("x", x, weight=weight, bias=bias)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    eps = _common.check_real("eps", eps, nonnegative=True)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if _common.resolve_backend(backend, x, weight, bias) == "torch":
@@ -396,7 +393,9 @@ def group_norm_reference(x: torch.Tensor, num_groups: int, weight: Optional[torc
     """Plain torch GroupNorm (+ activation), computed in at least fp32, returned in x's dtype."""
     compute = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
     N, C = x.shape[:2]
-    xg = x.to(compute).reshape(N, num_groups, -1)                   # (N, G, C/G * spatial)
+    # The group size spelled out, not -1: reshape cannot infer it for an empty batch (N = 0).
+    group_size = C // num_groups * math.prod(x.shape[2:])
+    xg = x.to(compute).reshape(N, num_groups, group_size)          # (N, G, C/G * spatial)
     mean = xg.mean(dim=-1, keepdim=True)                            # (N, G, 1)
     var = ((xg - mean) ** 2).mean(dim=-1, keepdim=True)             # biased, (N, G, 1)
     y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)      # (N, C, *spatial)

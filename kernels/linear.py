@@ -48,7 +48,8 @@ SMALL_M = 16  # rows handled by the decode kernel; also its padded tl.dot M tile
 def _activation(x, ACTIVATION: tl.constexpr):
     """Apply the constexpr ACTIVATION to an fp32 tile (codes as in ``_ACT_CODE``)."""
     if ACTIVATION == 1:  # relu
-        x = tl.maximum(x, 0.0)
+        # not tl.maximum: it returns the non-NaN operand, and relu(NaN) must stay NaN (torch)
+        x = tl.where(x < 0.0, 0.0, x)
     elif ACTIVATION == 2:  # gelu, exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACTIVATION == 3:  # gelu_tanh: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)

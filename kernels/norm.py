@@ -13,7 +13,6 @@ reference does the same, so backends agree to within one rounding of the output.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -115,14 +114,6 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(-1, n)
 
 
-def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a non-negative finite float, got {eps}")
-    return float(eps)
-
-
 def _check_inputs(x, weight, bias, residual, eps) -> float:
     _common.check_tensor("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -138,7 +129,7 @@ def _check_inputs(x, weight, bias, residual, eps) -> float:
         if residual.shape != x.shape:
             raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
     _common.check_same("x", x, weight=weight, bias=bias, residual=residual)
-    return _check_eps(eps)
+    return _common.check_real("eps", eps, nonnegative=True)
 
 
 def _norm(x, weight, bias, eps, residual, is_rms):

@@ -145,6 +145,10 @@ def test_fold_batchnorm_errors():
         fold_batchnorm(w, torch.zeros(3), **stats)
     with pytest.raises(ValueError, match="weight must have 4"):
         fold_batchnorm(w[0], None, **stats)
+    with pytest.raises(ValueError, match="eps must be finite, got nan"):
+        fold_batchnorm(w, None, **stats, eps=float("nan"))
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        fold_batchnorm(w, None, **stats, eps=-1)
 
 
 def test_conv2d_errors(device):
@@ -189,3 +193,23 @@ def test_conv2d_errors(device):
         conv2d(x.tolist(), weight)
     with pytest.raises(ValueError, match="backend must be"):
         conv2d(x, weight, backend="cudnn")
+
+
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["kernel", "torch"])
+@pytest.mark.parametrize("slope, exc, match", [
+    (float("nan"), ValueError, "negative_slope must be finite, got nan"),
+    (float("-inf"), ValueError, "negative_slope must be finite, got -inf"),
+    ("0.2", TypeError, "negative_slope must be a real number, got str"),
+    (None, TypeError, "negative_slope must be a real number, got NoneType")])
+def test_negative_slope_checked(device, backend, slope, exc, match):
+    # checked on both convs and both paths, before the kernel turns it into garbage (NaN slope)
+    # or float() fails on it with a message naming nothing
+    from genfuse.kernels.conv_transpose2d import conv_transpose2d
+    x, weight, _ = _inputs(1, 3, 4, 4, 4, 3, 3, torch.float32, device)
+    with pytest.raises(exc, match=match):
+        conv2d(x, weight, activation="leaky_relu", negative_slope=slope, backend=backend)
+    with pytest.raises(exc, match=match):
+        conv_transpose2d(x, weight.transpose(0, 1), negative_slope=slope, backend=backend)
+    if backend is None:  # any finite slope is fine, negative or above 1 included (as torch's)
+        for ok in (-0.5, 3, 0):
+            _check(x, weight, None, torch.float32, activation="leaky_relu", negative_slope=ok)

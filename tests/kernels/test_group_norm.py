@@ -171,9 +171,9 @@ def test_errors(device):
         group_norm(x, 2, w, b.bfloat16())
     with pytest.raises(ValueError, match="bias is on meta but x is on"):
         group_norm(x, 2, w, torch.empty(8, device="meta"))
-    with pytest.raises(ValueError, match="eps must be finite and >= 0, got -1e-05"):
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1e-05"):
         group_norm(x, 2, eps=-1e-5)
-    with pytest.raises(ValueError, match="eps must be finite and >= 0, got nan"):
+    with pytest.raises(ValueError, match="eps must be finite, got nan"):
         group_norm(x, 2, eps=float("nan"))
     with pytest.raises(TypeError, match="eps must be a real number, got str"):
         group_norm(x, 2, eps="1e-5")
