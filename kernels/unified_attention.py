@@ -452,6 +452,7 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
     q_lens = (starts[1:] - starts[:-1]).tolist()  # the reference may sync the host
     lens_all = seq_lens.long()
     lens_host = lens_all.tolist()
+    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
     groups = {}
     for b, tq in enumerate(q_lens):
         if tq > 0:
@@ -467,24 +468,27 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
             # A shorter sequence: its entries past its end may be garbage; never gather them.
             in_use = torch.arange(n_blocks, device=q.device) * block_size < lens[:, None]
             blocks = blocks.where(in_use, 0)
-        k = k_cache[blocks].reshape(Bg, n_blocks * block_size, Hkv, D)[:, :L].to(compute)  # (Bg, L, Hkv, D)
-        v = v_cache[blocks].reshape(Bg, n_blocks * block_size, Hkv, D)[:, :L].to(compute)
+        # Gathered head-major, (Bg, Hkv, L, D) contiguous rows: both matmuls then take K and V
+        # as they are (a (Bg, L, Hkv, D) gather costs a hidden copy per matmul).
+        k = k_cache.permute(2, 0, 1, 3)[heads, blocks[:, None]].view(Bg, Hkv, n_blocks * block_size, D)
+        v = v_cache.permute(2, 0, 1, 3)[heads, blocks[:, None]].view(Bg, Hkv, n_blocks * block_size, D)
+        k, v = k[:, :, :L].to(compute), v[:, :, :L].to(compute)
         rows = (starts[idx][:, None] + torch.arange(tq, device=q.device)).reshape(-1)  # (Bg * tq,)
         qg = q.index_select(0, rows).to(compute).view(Bg, tq, Hkv, G, D)
         qg = qg.permute(0, 2, 3, 1, 4).reshape(Bg, Hkv, G * tq, D)  # query head h = kv * G + g
-        scores = (qg @ k.permute(0, 2, 3, 1)).mul_(scale)  # (Bg, Hkv, G * tq, L)
+        scores = (qg @ k.transpose(-1, -2)).mul_(scale)  # (Bg, Hkv, G * tq, L)
         ragged = min(lens_host[b] for b in members) < L
         if ragged:
             # Slots past a shorter sequence's end were never written (NaN in a fresh pool):
             # its softmax weight there is 0, but 0 * NaN is NaN, so zero those values.
             past_end = torch.arange(L, device=q.device) >= lens[:, None]  # (Bg, L)
-            v = v.masked_fill(past_end[:, :, None, None], 0.0)
+            v.masked_fill_(past_end[:, None, :, None], 0.0)  # v is the gather's own copy
         if tq > 1 or ragged:  # else every key is visible
             t = torch.arange(tq, device=q.device).view(1, tq, 1)
             j = torch.arange(L, device=q.device).view(1, 1, L)
             hidden = j > lens.view(Bg, 1, 1) - tq + t  # (Bg, tq, L)
             scores.view(Bg, Hkv, G, tq, L).masked_fill_(hidden[:, None, None], float("-inf"))
-        o = torch.softmax(scores, dim=-1) @ v.transpose(1, 2)  # (Bg, Hkv, G * tq, D)
+        o = torch.softmax(scores, dim=-1) @ v  # (Bg, Hkv, G * tq, D)
         o = o.view(Bg, Hkv, G, tq, D).permute(0, 3, 1, 2, 4).reshape(Bg * tq, Hq, D)
         out.index_copy_(0, rows, o.to(q.dtype))
     return out
