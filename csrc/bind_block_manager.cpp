@@ -150,6 +150,24 @@ void register_block_manager(py::module_& m) {
              },
              py::arg("seq_id"), py::arg("token_ids"),
              "Register a new sequence; return how many leading tokens were already cached.")
+        .def("cached_prefix_length",
+             [](const BlockManager& bm, H token_ids) {
+                 const Ids tokens = as_int64s(token_ids, "token_ids");
+                 return bm.cached_prefix_length(tokens.data(), static_cast<int64_t>(tokens.size()));
+             },
+             py::arg("token_ids"), "What allocate(token_ids) would find cached now (whole blocks); changes nothing.")
+        .def("extend",
+             [](BlockManager& bm, H seq_id, H token_ids) {
+                 const int64_t id = as_int64(seq_id, "seq_id");
+                 const Ids tokens = as_int64s(token_ids, "token_ids");
+                 std::vector<genfuse::CopyPair> cows;
+                 bm.extend(id, tokens.data(), static_cast<int64_t>(tokens.size()), cows);
+                 py::list out(cows.size());
+                 for (size_t i = 0; i < cows.size(); ++i) out[i] = py::make_tuple(cows[i].first, cows[i].second);
+                 return out;
+             },
+             py::arg("seq_id"), py::arg("token_ids"),
+             "append() of each token in order, all or nothing; return the copy-on-write pairs.")
         .def("append",
              [](BlockManager& bm, H seq_id, H token_id) {
                  const int64_t id = as_int64(seq_id, "seq_id");

@@ -238,6 +238,39 @@ int64_t BlockManager::allocate(int64_t seq_id, const int64_t* tokens64, int64_t 
     return hits * bs;
 }
 
+int64_t BlockManager::cached_prefix_length(const int64_t* tokens64, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) check_token(tokens64[i]);
+    if (!caching_ || n == 0) return 0;
+    const std::vector<int32_t> tokens(tokens64, tokens64 + n);
+    const int64_t bs = block_size_;
+    int64_t hits = 0;
+    int32_t parent = -1;
+    for (int64_t i = 0; i < (n - 1) / bs; ++i) {
+        const int32_t* blk = tokens.data() + i * bs;
+        const int32_t node = find_node(parent, blk, node_hash(parent, blk));
+        if (node < 0 || nodes_[node].block < 0) break;
+        ++hits;
+        parent = node;
+    }
+    return hits * bs;
+}
+
+void BlockManager::extend(int64_t seq_id, const int64_t* tokens, int64_t n, std::vector<CopyPair>& cows) {
+    for (int64_t i = 0; i < n; ++i) check_token(tokens[i]);
+    const int32_t sl = slot(seq_id);
+    if (n == 0) return;
+    const Seq& s = seqs_[static_cast<size_t>(sl)];
+    const int64_t bs = block_size_, n0 = s.num_tokens;
+    // New blocks: one per block boundary crossed, plus a private copy of a shared partial tail.
+    int64_t need = (n0 + n + bs - 1) / bs - (n0 + bs - 1) / bs;
+    if (n0 % bs && ref_[s.table.back()] > 1) ++need;
+    if (need > num_free_blocks())
+        throw OutOfBlocks("extend(seq " + str(seq_id) + ", " + str(n) + " tokens) needs " + str(need) +
+                          " new blocks but " + str(num_free_blocks()) + " are free");
+    for (int64_t i = 0; i < n; ++i)
+        if (auto cow = append_unchecked(sl, static_cast<int32_t>(tokens[i]))) cows.push_back(*cow);
+}
+
 bool BlockManager::needs_block(const Seq& s) const {
     return s.num_tokens % block_size_ == 0 || ref_[s.table.back()] > 1;
 }

@@ -117,7 +117,12 @@ class BlockManager {
 
     // Tokens are passed as int64 so that out-of-range values reach the range check.
     int64_t allocate(int64_t seq_id, const int64_t* tokens, int64_t n);
+    // What allocate(tokens) would return now (whole cached blocks among the first n - 1
+    // tokens); changes nothing.
+    int64_t cached_prefix_length(const int64_t* tokens, int64_t n) const;
     std::optional<CopyPair> append(int64_t seq_id, int64_t token);
+    // append() of each token in order, all or nothing (a prompt's next chunk).
+    void extend(int64_t seq_id, const int64_t* tokens, int64_t n, std::vector<CopyPair>& cows);
     void append_batch(const int64_t* seq_ids, const int64_t* tokens, int64_t n,
                       std::vector<CopyPair>& cows);
     void fork(int64_t src_id, int64_t dst_id);

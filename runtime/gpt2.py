@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from genfuse.kernels import attention, layer_norm, paged_attention
+from genfuse.kernels import attention, layer_norm, paged_attention, unified_attention, write_kv_cache
 
 from .config import ModelConfig
 from .llama import KVCache
@@ -128,3 +128,33 @@ class GPT2:
     @torch.inference_mode()
     def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.forward(tokens.view(-1, 1), positions.view(-1, 1), row=None)
+
+    # ------------------------------------------------------------------ the engine's step
+
+    def setup_rope(self, max_len: int) -> None:
+        """Learned positions: nothing to build; the engine's max_model_len is capped by wpe."""
+
+    @torch.inference_mode()
+    def forward_step(self, inp, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """One engine step over a flat batch; see `Llama.forward_step`. ``(S, vocab)`` float32."""
+        c, be = self.config, self.backend
+        N, H = inp.num_tokens, c.hidden_size
+        h = embedding(self.wte, inp.input_ids) + embedding(self.wpe, inp.positions)  # (N, hidden)
+        mlp_out = None
+        for i, blk in enumerate(self.blocks):
+            if mlp_out is None:
+                x = layer_norm(h, *blk.ln_1, c.norm_eps, backend=be)
+            else:
+                x, h = layer_norm(mlp_out, *blk.ln_1, c.norm_eps, residual=h, backend=be)
+            qkv = linear(x, blk.w_qkv, blk.b_qkv, backend=be)  # (N, 3 * hidden)
+            q, k, v = (qkv[:, j * H:(j + 1) * H].view(N, c.num_heads, c.head_dim) for j in range(3))
+            write_kv_cache(k, v, k_pool[i], v_pool[i], inp.slot_mapping, validate=False, backend=be)
+            y = unified_attention(q, k_pool[i], v_pool[i], inp.block_table, inp.seq_lens, inp.query_start_loc,
+                                  max_query_len=inp.max_query_len, validate=False, backend=be)  # (N, nh, hd)
+            h = linear(y.reshape(N, H), blk.w_o, blk.b_o, residual=h, backend=be)
+            x = layer_norm(h, *blk.ln_2, c.norm_eps, backend=be)
+            x = linear(x, blk.w_fc, blk.b_fc, activation="gelu_tanh", backend=be)  # (N, inter)
+            mlp_out = linear(x, blk.w_proj, blk.b_proj, backend=be)  # (N, hidden)
+        idx = inp.logits_indices
+        x, _ = layer_norm(mlp_out[idx], *self.ln_f, c.norm_eps, residual=h[idx], backend=be)
+        return linear(x, self.lm_head, backend=be).float()  # (S, vocab)

@@ -36,6 +36,8 @@ from genfuse.kernels import (
     rope_cos_sin,
     rotary_embedding,
     swiglu,
+    unified_attention,
+    write_kv_cache,
 )
 
 from .config import ModelConfig
@@ -248,3 +250,47 @@ class Llama:
     def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions ``(B,)`` (sequence b's new token and its position) -> ``(B, vocab)``."""
         return self.forward(tokens.view(-1, 1), positions.view(-1, 1), row=None)
+
+    # ------------------------------------------------------------------ the engine's step
+
+    def setup_rope(self, max_len: int) -> None:
+        """Rotary tables for positions ``0 .. max_len - 1`` (the engine's ``max_model_len``)."""
+        if self.cos is None or self.cos.shape[0] < max_len:
+            self.cos, self.sin = rope_tables(self.config, max_len, self.device, self.rope_freqs)
+
+    @torch.inference_mode()
+    def forward_step(self, inp, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """One engine step over a flat batch (`runtime.engine.kv_cache.StepInputs`).
+
+        ``N`` tokens of ``B`` sequences, prefill chunks and decodes mixed: every projection is
+        one `linear` over the N tokens, each layer's new K/V go into the paged pools through
+        the slot mapping, then `unified_attention` reads each sequence's cached prefix plus
+        its new tokens (causal, bottom-right). Returns the logits of ``inp.logits_indices``,
+        ``(S, vocab)`` float32. ``k_pool``/``v_pool``: ``(layers, blocks, block_size, Hkv, D)``.
+        """
+        c, be = self.config, self.backend
+        N = inp.num_tokens
+        h = embedding(self.embed, inp.input_ids)  # (N, hidden): the residual stream
+        mlp_out = None
+        for i, lw in enumerate(self.layers):
+            if mlp_out is None:
+                x = rms_norm(h, lw.input_norm, c.norm_eps, backend=be)
+            else:
+                x, h = rms_norm(mlp_out, lw.input_norm, c.norm_eps, residual=h, backend=be)
+            qkv = linear(x, lw.w_qkv, lw.b_qkv, backend=be)  # (N, q + 2 kv)
+            q = qkv[:, :c.q_size].view(N, c.num_heads, c.head_dim)
+            k = qkv[:, c.q_size:c.q_size + c.kv_size].view(N, c.num_kv_heads, c.head_dim)
+            v = qkv[:, c.q_size + c.kv_size:].view(N, c.num_kv_heads, c.head_dim)
+            q, k = rotary_embedding(q.transpose(0, 1)[None], k.transpose(0, 1)[None], self.cos, self.sin,
+                                    inp.positions, validate=False, backend=be)  # (1, H, N, D)
+            q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)  # (N, H, D) views
+            write_kv_cache(k, v, k_pool[i], v_pool[i], inp.slot_mapping, validate=False, backend=be)
+            y = unified_attention(q, k_pool[i], v_pool[i], inp.block_table, inp.seq_lens, inp.query_start_loc,
+                                  max_query_len=inp.max_query_len, validate=False, backend=be)  # (N, Hq, D)
+            h = linear(y.reshape(N, c.q_size), lw.w_o, lw.b_o, residual=h, backend=be)
+            x = rms_norm(h, lw.post_norm, c.norm_eps, backend=be)
+            gu = linear(x, lw.w_gate_up, lw.b_gate_up, backend=be)  # (N, 2 * inter)
+            mlp_out = linear(swiglu(gu, backend=be), lw.w_down, lw.b_down, backend=be)  # (N, hidden)
+        idx = inp.logits_indices
+        x, _ = rms_norm(mlp_out[idx], self.norm, c.norm_eps, residual=h[idx], backend=be)  # (S, hidden)
+        return linear(x, self.lm_head, backend=be).float()  # (S, vocab)

@@ -110,6 +110,17 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)  # arrival/first_token/finished times (perf_counter)
 
 
+@dataclass
+class StepTiming:
+    """Where the last step's time went: host preparation (scheduler, block manager, inputs)
+    versus the model and sampler up to the host sync."""
+
+    host_s: float
+    model_s: float
+    num_seqs: int
+    num_tokens: int
+
+
 class _State:
     """The engine's per-request state beside the scheduler's `Request`: sampling and text."""
 
@@ -197,6 +208,7 @@ class Engine:
                                  num_blocks=num_blocks, block_size=args.block_size, dtype=lm.dtype,
                                  device=self.device, enable_prefix_caching=args.enable_prefix_caching,
                                  block_manager_cls=block_manager_cls)
+        self.last_step: StepTiming | None = None
         self.scheduler = Scheduler(self.kv.block_manager, max_num_seqs=args.max_num_seqs,
                                    max_num_batched_tokens=batched, max_model_len=max_len,
                                    enable_chunked_prefill=args.enable_chunked_prefill)
@@ -268,11 +280,13 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one model step; the outputs of every request that produced a token."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
         self.kv.copy_blocks(out.copies)
         inp = self.kv.prepare(out)
+        t1 = time.perf_counter()
         try:
             logits = self.model.forward_step(inp, self.kv.k, self.kv.v)  # (S, vocab)
         except Exception:
@@ -318,6 +332,9 @@ class Engine:
             if reason is not None:
                 self.scheduler.finish(r.request_id, reason)
             results.append(self._output(r, [t] if t >= 0 else [], reason, now))
+        # host work = scheduling + inputs before the model, output processing after the sync
+        self.last_step = StepTiming(t1 - t0 + time.perf_counter() - now, now - t1, len(out.scheduled),
+                                    out.num_batched_tokens)
         return results
 
     # ------------------------------------------------------------------ internals

@@ -6,8 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from genfuse._C import BlockManager as _CppBM
-from genfuse.runtime.block_manager import PyBlockManager as BlockManager  # TEMP: C++ extend/cached_prefix_length pending
+from genfuse._C import BlockManager
 from genfuse.runtime.block_manager import PyBlockManager
 from genfuse.runtime.engine.scheduler import Request, Scheduler, Status
 
@@ -72,7 +71,7 @@ def drive(sched, cache, max_steps=10_000, on_step=None):
     raise AssertionError("the schedule did not finish (hang)")
 
 
-@pytest.mark.parametrize("bm_cls", [PyBlockManager], ids=["py"])
+@pytest.mark.parametrize("bm_cls", [BlockManager, PyBlockManager], ids=["cpp", "py"])
 @pytest.mark.parametrize("seed", range(12))
 def test_random_schedules(bm_cls, seed):
     rng = random.Random(seed)
@@ -196,3 +195,46 @@ def test_abort_frees_blocks_at_once():
     assert sched.finish("a", "abort").finish_reason == "abort"
     assert bm.num_free_blocks == 16 and not sched.has_unfinished()
     assert sched.finish("a", "abort") is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cached_prefix_length_and_extend_twins_agree(seed):
+    """The two calls the scheduler adds to the block manager, C++ against its Python twin:
+    the same results, block tables, exceptions and free counts over random operations."""
+    rng = random.Random(seed)
+    bs = rng.choice([1, 3, 4])
+    cpp, py = BlockManager(24, bs, True), PyBlockManager(24, bs, True)
+    base = [rng.randrange(5) for _ in range(30)]
+    live = []
+
+    def both(name, *args):
+        results = []
+        for bm in (cpp, py):
+            try:
+                results.append(("ok", getattr(bm, name)(*args)))
+            except (MemoryError, KeyError, ValueError, TypeError) as e:
+                results.append((type(e).__name__, None))
+        assert results[0] == results[1], (name, args, results)
+        return results[0]
+
+    for step in range(300):
+        op = rng.random()
+        toks = base[:rng.randrange(0, 30)] + [rng.randrange(5) for _ in range(rng.randrange(0, 4))]
+        if op < 0.3:
+            both("cached_prefix_length", toks)
+        elif op < 0.55:
+            sid = step
+            if both("allocate", sid, toks)[0] == "ok":
+                live.append(sid)
+        elif op < 0.85 and live:
+            both("extend", rng.choice(live), toks[:rng.randrange(0, 9)])
+        elif live:
+            sid = live.pop(rng.randrange(len(live)))
+            both("free", sid)
+        for sid in live:
+            assert cpp.block_table(sid) == py.block_table(sid)
+        assert cpp.num_free_blocks == py.num_free_blocks and cpp.num_cached_blocks == py.num_cached_blocks
+    both("extend", 10**6, [1])  # unknown id: KeyError from both
+    if live:
+        both("extend", live[0], [2**31])  # bad token: ValueError from both
+        both("extend", live[0], [1.5])  # not an int: TypeError from both

@@ -1,0 +1,210 @@
+"""The serving engine under load: continuous batching, prefix caching, host overhead.
+
+    genfuse bench engine [--model smollm2-135m-instruct] [--only throughput,prefix,overhead]
+                         [--num-requests 64] [--prompt-tokens 16:512] [--output-tokens 16:256]
+                         [--prefix-requests 32] [--prefix-tokens 400] [--threads N] [--seed 0]
+                         [--json results.json]
+
+All requests are greedy with EOS ignored, on seeded random token ids (so lengths are exactly
+what was drawn), after one warm-up request.
+
+``throughput``: ``--num-requests`` requests with prompt and output lengths drawn uniformly
+from the two ranges, run three ways, each timed end to end; tokens/s = generated tokens /
+seconds.
+  * engine: every request added at once, continuous batching (the default engine arguments);
+  * one at a time: the same engine with ``max_num_seqs=1``, so each request runs alone;
+  * static batch: how `LLM` batched before the engine (one batch of all requests: every
+    sequence decodes until the longest one ends, finished ones keep computing): the same
+    engine with every request's ``max_tokens`` raised to the longest, only each request's own
+    tokens counted.
+  Goal: engine >= 2x one at a time.
+
+``prefix``: ``--prefix-requests`` requests sharing a ``--prefix-tokens`` system prompt plus
+16 tokens of their own, 8 new tokens each, submitted one after another; the median time to
+first token of requests 2.. with prefix caching on and off. Goal: >= 5x lower with caching.
+
+``overhead``: 64 sequences decoding together; host time per step (scheduler, block manager,
+input preparation, output processing) as a fraction of the whole step, median over 20 steps.
+Goal: < 5%.
+
+Single-request decode speed is ``genfuse bench generate --only model`` (`LLM` runs on this
+engine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="genfuse bench engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, HF folder or .gguf")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--only", default="throughput,prefix,overhead",
+                   help="comma-separated parts: throughput, prefix, overhead")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--prompt-tokens", default="16:512", help="MIN:MAX prompt length")
+    p.add_argument("--output-tokens", default="16:256", help="MIN:MAX output length")
+    p.add_argument("--prefix-requests", type=int, default=32)
+    p.add_argument("--prefix-tokens", type=int, default=400)
+    p.add_argument("--overhead-seqs", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    return p
+
+
+def _range(text: str, name: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"genfuse bench engine: {name} must be MIN:MAX, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise SystemExit(f"genfuse bench engine: {name} needs 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+def _run(engine, reqs, *, max_tokens_override=None) -> tuple[float, int]:
+    """Add every request, step to the end; (seconds, useful generated tokens)."""
+    from genfuse.runtime.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    for i, (prompt, n) in enumerate(reqs):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=max_tokens_override or n, temperature=0,
+                                                          ignore_eos=True))
+    useful = 0
+    want = {str(i): n for i, (_, n) in enumerate(reqs)}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                useful += min(len(out.token_ids), want[out.request_id])
+    return time.perf_counter() - t0, useful
+
+
+def throughput(loaded, args, rng) -> dict:
+    from genfuse.runtime.engine import Engine
+
+    plo, phi = _range(args.prompt_tokens, "--prompt-tokens")
+    olo, ohi = _range(args.output_tokens, "--output-tokens")
+    V = loaded.config.vocab_size
+    reqs = [([rng.randrange(V) for _ in range(rng.randrange(plo, phi + 1))], rng.randrange(olo, ohi + 1))
+            for _ in range(args.num_requests)]
+    longest = max(n for _, n in reqs)
+    res = {"num_requests": len(reqs), "prompt_tokens": sum(len(p) for p, _ in reqs),
+           "output_tokens": sum(n for _, n in reqs)}
+    for name, kw, override in (("engine", {}, None), ("one_at_a_time", {"max_num_seqs": 1}, None),
+                               ("static_batch", {}, longest)):
+        engine = Engine(loaded, **kw)
+        _run(engine, [(reqs[0][0][:16], 4)])  # warm-up
+        secs, useful = _run(engine, reqs, max_tokens_override=override)
+        res[name] = {"seconds": secs, "tokens": useful, "tokens_per_s": useful / secs,
+                     "preemptions": engine.stats.num_preemptions}
+        print(f"  {name:14s} {useful:6d} tokens in {secs:7.2f} s = {useful / secs:8.1f} tokens/s "
+              f"({engine.stats.num_preemptions} preemptions)", flush=True)
+    res["engine_vs_one_at_a_time"] = res["engine"]["tokens_per_s"] / res["one_at_a_time"]["tokens_per_s"]
+    res["engine_vs_static_batch"] = res["engine"]["tokens_per_s"] / res["static_batch"]["tokens_per_s"]
+    print(f"  engine / one at a time = {res['engine_vs_one_at_a_time']:.2f}x (goal >= 2x); "
+          f"engine / static batch = {res['engine_vs_static_batch']:.2f}x")
+    return res
+
+
+def prefix(loaded, args, rng) -> dict:
+    from genfuse.runtime.engine import Engine
+    from genfuse.runtime.sampling import SamplingParams
+
+    V = loaded.config.vocab_size
+    system = [rng.randrange(V) for _ in range(args.prefix_tokens)]
+    prompts = [system + [rng.randrange(V) for _ in range(16)] for _ in range(args.prefix_requests)]
+    res = {"requests": len(prompts), "prefix_tokens": args.prefix_tokens}
+    for caching in (True, False):
+        engine = Engine(loaded, enable_prefix_caching=caching)
+        ttfts = []
+        for i, p in enumerate(prompts):
+            t0 = time.perf_counter()
+            engine.add_request(str(i), p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+            first = None
+            while engine.has_unfinished_requests():
+                outs = engine.step()
+                if first is None and any(o.new_token_ids for o in outs):
+                    first = time.perf_counter() - t0
+            ttfts.append(first)
+        later = ttfts[1:]
+        key = "caching_on" if caching else "caching_off"
+        res[key] = {"ttft_median_s": statistics.median(later), "ttft_min_s": min(later), "ttft_max_s": max(later),
+                    "cached_prompt_tokens": engine.stats.num_cached_prompt_tokens}
+        print(f"  prefix caching {'on ' if caching else 'off'}: TTFT median {statistics.median(later) * 1e3:8.1f} ms "
+              f"(min {min(later) * 1e3:.1f}, max {max(later) * 1e3:.1f}); "
+              f"{engine.stats.num_cached_prompt_tokens} prompt tokens from the cache", flush=True)
+    res["ttft_ratio_off_over_on"] = res["caching_off"]["ttft_median_s"] / res["caching_on"]["ttft_median_s"]
+    print(f"  TTFT off / on = {res['ttft_ratio_off_over_on']:.1f}x (goal >= 5x)")
+    return res
+
+
+def overhead(loaded, args, rng) -> dict:
+    from genfuse.runtime.engine import Engine
+    from genfuse.runtime.sampling import SamplingParams
+
+    V = loaded.config.vocab_size
+    engine = Engine(loaded, max_num_seqs=args.overhead_seqs)
+    for i in range(args.overhead_seqs):
+        engine.add_request(str(i), [rng.randrange(V) for _ in range(32)],
+                           SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
+    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.requests.values()):
+        engine.step()  # every prompt in
+    engine.step()
+    fractions, steps = [], []
+    for _ in range(20):
+        engine.step()
+        st = engine.last_step
+        assert st.num_seqs == args.overhead_seqs
+        fractions.append(st.host_s / (st.host_s + st.model_s))
+        steps.append(st.host_s + st.model_s)
+    res = {"seqs": args.overhead_seqs, "host_fraction_median": statistics.median(fractions),
+           "host_fraction_max": max(fractions), "step_median_s": statistics.median(steps)}
+    print(f"  {args.overhead_seqs} sequences decoding: host {res['host_fraction_median'] * 100:.2f}% of a step "
+          f"(max {res['host_fraction_max'] * 100:.2f}%), step {res['step_median_s'] * 1e3:.1f} ms (goal < 5%)")
+    return res
+
+
+PARTS = {"throughput": throughput, "prefix": prefix, "overhead": overhead}
+
+
+def main(argv=None, args=None) -> int:
+    args = args or build_parser().parse_args(argv)
+    parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        print(f"genfuse bench engine: unknown part(s) {', '.join(bad)} (parts: {', '.join(PARTS)})", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from genfuse.runtime.loader import load_model
+
+    loaded = load_model(args.model, device=args.device)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "device": str(loaded.device),
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(loaded.dtype),
+               "keep_quantized": loaded.keep_quantized}
+    if loaded.device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(loaded.device)
+    print(f"genfuse bench engine: {loaded.name} on {machine['device']} ({machine['dtype']}, "
+          f"{machine['threads']} threads)", flush=True)
+    results = {"model": loaded.name, "machine": machine}
+    for name in parts:
+        print(f"[{name}]", flush=True)
+        results[name] = PARTS[name](loaded, args, random.Random(args.seed))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
