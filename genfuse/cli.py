@@ -6,6 +6,30 @@ import json
 import sys
 from typing import List, Optional
 
+# What a command reports as "genfuse CMD: error: ..." (one line, exit 1) rather than a
+# traceback: bad files, flags that fail deeper checks, missing packages, a device or memory
+# that is not there (torch raises RuntimeError for those), a model that breaks mid-generation.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError, MemoryError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C stopped
+
+
+def _error(command: str, e: BaseException) -> int:
+    """Print ``e`` as one line under ``command``'s name; the exit code 1."""
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    print(f"genfuse {command}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _device_arg(value: str) -> str:
+    """argparse type for --device: a torch device genfuse runs on (usage error otherwise)."""
+    from genfuse.runtime.resources import parse_device
+
+    try:
+        parse_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from genfuse import info
@@ -63,16 +87,16 @@ def _add_image_parser(sub) -> None:
                         "overflow in float16)")
     p.add_argument("-o", "--output", default="images.png", help="grid PNG to write (default images.png)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: square-ish)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, type=_device_arg,
+                   help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="kernel backend (default auto: Triton on CUDA or under TRITON_INTERPRET=1, "
                         "else the torch reference ops)")
     p.set_defaults(func=_cmd_image, _image_parser=p)
 
 
-def _image_error(message) -> int:
-    print(f"genfuse image: error: {message}", file=sys.stderr)
-    return 1
+def _image_error(e) -> int:
+    return _error("image", e)
 
 
 def _decode_vae(args: argparse.Namespace, out) -> int:
@@ -87,9 +111,9 @@ def _decode_vae(args: argparse.Namespace, out) -> int:
         imgs = images.decode_latents(model, latents, unscale=not args.raw_latents,
                                      backend=None if args.backend == "auto" else args.backend)
         grid = images.image_grid(imgs, nrow=args.nrow)
-    except (OSError, ImportError, TypeError, ValueError) as e:
+        images.save_png(grid, out)
+    except USER_ERRORS as e:
         return _image_error(e)
-    images.save_png(grid, out)
     print(f"wrote {out} ({imgs.shape[0]} image(s) of {imgs.shape[3]}x{imgs.shape[2]} decoded by {args.vae})")
     return 0
 
@@ -97,7 +121,6 @@ def _decode_vae(args: argparse.Namespace, out) -> int:
 def _cmd_image(args: argparse.Namespace) -> int:
     from genfuse.runtime import images
     from genfuse.runtime.dcgan import REGISTRY as GANS
-    from genfuse.runtime.registry import ModelNotInstalledError
 
     parser = args._image_parser
     if args.vae is not None:
@@ -127,14 +150,20 @@ def _cmd_image(args: argparse.Namespace) -> int:
         parser.error(f"-o {out}: the output must be a .png file")
     if not out.parent.is_dir():
         parser.error(f"-o {out}: folder {out.parent} does not exist")
+    from genfuse.runtime.resources import resolve_device
+
+    try:
+        resolve_device(args.device)  # before anything moves to it: no CUDA is an error, not a traceback
+    except ValueError as e:
+        return _image_error(e)
     if args.vae is not None:
         return _decode_vae(args, out)
     try:
         imgs = images.sample_gan(args.model, n, seed=seed, device=args.device,
                                  backend=None if args.backend == "auto" else args.backend)
-    except ModelNotInstalledError as e:
+        images.save_png(images.image_grid(imgs, nrow=args.nrow), out)
+    except USER_ERRORS as e:  # ModelNotInstalledError (an ImportError) says how to install
         return _image_error(e)
-    images.save_png(images.image_grid(imgs, nrow=args.nrow), out)
     print(f"wrote {out} ({n} images from {args.model}, seed {seed})")
     return 0
 # --- end genfuse image ----------------------------------------------------------------
@@ -150,79 +179,117 @@ def _add_llm_parsers(sub) -> None:
         p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default 0.9)")
         p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
         p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
-        p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+        p.add_argument("--device", default=None, type=_device_arg,
+                       help="torch device (default: cuda if available, else cpu)")
         p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                        help="kernel backend (default auto: Triton on CUDA or under TRITON_INTERPRET=1, "
                             "else the torch reference ops)")
 
     p = sub.add_parser("generate", help="stream a completion of a prompt (tokens/s on stderr)",
                        description="Generate from a prompt with an LLM on genfuse kernels, streaming the "
-                                   "text to stdout and the speed to stderr.")
+                                   "text to stdout and the speed to stderr. Ctrl-C stops it (exit code 130).")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     common(p)
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_cmd_generate, _llm_parser=p)
     p = sub.add_parser("chat", help="multi-turn chat in the terminal",
-                       description="Chat with an LLM through its chat template; an empty line or EOF ends.")
+                       description="Chat with an LLM through its chat template; an empty line, EOF or Ctrl-C "
+                                   "at the prompt ends. Ctrl-C during a reply stops that reply (what it "
+                                   "said so far stays in the conversation) and returns to the prompt.")
     p.add_argument("--system", default=None, help="a system message to start with")
     common(p)
-    p.set_defaults(func=_cmd_chat)
+    p.set_defaults(func=_cmd_chat, _llm_parser=p)
+
+
+def _sampling_params(args):
+    """SamplingParams from the flags; a bad value is a usage error (exit 2) before any loading."""
+    from genfuse.runtime.sampling import SamplingParams
+
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        args._llm_parser.error(str(e))
 
 
 def _load_llm(args):
-    """(LLM, SamplingParams) from the flags; ValueError / ImportError carry the message to print."""
     from genfuse.runtime.llm import LLM
-    from genfuse.runtime.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
-    llm = LLM(args.model, device=args.device, backend=None if args.backend == "auto" else args.backend)
-    return llm, params
+    return LLM(args.model, device=args.device, backend=None if args.backend == "auto" else args.backend)
 
 
-def _stream_reply(llm, prompt, params) -> str:
+def _stream_reply(llm, prompt, params) -> tuple[str, bool]:
+    """Stream one reply to stdout and its speed to stderr: (the text shown, whether Ctrl-C cut it)."""
     import time
 
     t0, text = time.perf_counter(), []
-    for piece in llm.stream(prompt, params):
-        text.append(piece)
-        sys.stdout.write(piece)
+    pieces = llm.stream(prompt, params)
+    try:
+        for piece in pieces:
+            text.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pieces.close()  # if Ctrl-C landed outside the stream, end it: it holds the LLM
+        sys.stdout.write("\n")
         sys.stdout.flush()
+        print("[interrupted]", file=sys.stderr)
+        return "".join(text), True
     sys.stdout.write("\n")
     c = llm.last_completion
     dt = time.perf_counter() - t0
     print(f"[{len(c.token_ids)} tokens in {dt:.2f} s: {len(c.token_ids) / dt:.1f} tokens/s, "
           f"first token after {c.ttft_s * 1000:.0f} ms, finish: {c.finish_reason}]", file=sys.stderr)
-    return "".join(text)
+    return "".join(text), False
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
     try:
-        llm, params = _load_llm(args)
+        llm = _load_llm(args)
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-        _stream_reply(llm, prompt, params)
-    except (ValueError, ImportError) as e:
-        print(f"genfuse generate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        _, interrupted = _stream_reply(llm, prompt, params)
+    except USER_ERRORS as e:
+        return _error("generate", e)
+    except KeyboardInterrupt:  # while loading
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_INTERRUPTED if interrupted else 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
     try:
-        llm, params = _load_llm(args)
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        while True:
-            try:
-                line = input(">>> ")
-            except EOFError:
-                break
-            if not line.strip():
-                break
-            messages.append({"role": "user", "content": line})
-            messages.append({"role": "assistant", "content": _stream_reply(llm, llm.chat_prompt(messages), params)})
-    except (ValueError, ImportError) as e:
-        print(f"genfuse chat: error: {e}", file=sys.stderr)
-        return 1
+        llm = _load_llm(args)
+    except USER_ERRORS as e:
+        return _error("chat", e)
+    except KeyboardInterrupt:  # while loading
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt: leave, as an empty line or EOF does
+            sys.stdout.write("\n")
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        try:
+            reply, interrupted = _stream_reply(llm, llm.chat_prompt(messages), params)
+        except USER_ERRORS as e:
+            return _error("chat", e)
+        except KeyboardInterrupt:  # before the stream began (rendering, encoding)
+            print("[interrupted]", file=sys.stderr)
+            reply, interrupted = "", True
+        if interrupted and not reply:  # nothing was said: as if the line had not been sent
+            messages.pop()
+            continue
+        # an interrupted reply stays as far as it got: the conversation is what the user saw
+        messages.append({"role": "assistant", "content": reply})
     return 0
 # --- end genfuse generate / chat ------------------------------------------------------
 
@@ -279,7 +346,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C in any command: stop quietly, as a shell expects
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

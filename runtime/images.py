@@ -8,6 +8,12 @@ rewritten by `genfuse.accelerate`. `load_latents` + `decode_latents` are what
 ``AutoencoderKL`` whose decoder `genfuse.accelerate` put on the kernels. `image_grid` lays
 images out as torchvision's ``make_grid`` does (rows of ``nrow``, ``padding`` pixels of black
 between and around them).
+
+Sizes and values are checked before work starts: a 1.6 KB latents file can hold an expanded
+``(1, 4, 4000, 4000)`` tensor whose decode needs a petabyte, so `decode_latents` estimates the
+decoder's memory from the latent shape and refuses what the device cannot hold (`sample_gan`
+does the same for ``n``); NaN/inf latents or images are refused rather than written as a black
+PNG.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .resources import check_memory, resolve_device
 
 PNG_SUFFIXES = (".png",)
 
@@ -28,10 +36,16 @@ def sample_gan(name: str = "dcgan-faces", n: int = 16, *, seed: int = 0,
     from genfuse.runtime.accelerate import accelerate
     from genfuse.runtime.dcgan import load_generator
 
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    device = resolve_device(device)
     model = load_generator(name, device=device)
+    cfg = model.config
+    # the widest activations per image: ngf*8 x 4x4 ... ngf x 32x32 and the nc x 64x64 output,
+    # a few alive at once (conv out, batch norm, ReLU), all float32
+    per_image = max(cfg.ngf * 8 * 16, cfg.ngf * 4 * 64, cfg.ngf * 2 * 256, cfg.ngf * 1024,
+                    cfg.nc * cfg.image_size ** 2) * 4 * 4 + cfg.nz * 4
+    check_memory(f"sampling {n} images from {name}", n * per_image, device, hint="lower -n")
     fast = accelerate(model, backend=backend)
     # seeded on the CPU: the same latents, hence the same images, on every device
     z = torch.randn(n, model.config.nz, 1, 1, generator=torch.Generator().manual_seed(seed))
@@ -60,7 +74,31 @@ def load_latents(path: str | os.PathLike) -> torch.Tensor:
         raise ValueError(f"latents in {path} have shape {tuple(obj.shape)}; expected (C, h, w) or (B, C, h, w)")
     if not obj.is_floating_point():
         raise ValueError(f"latents in {path} are {obj.dtype}; expected a floating-point tensor")
+    # a saved expanded tensor (stride 0) stores one value for all of its elements: check the
+    # logical size before anything (isfinite, .float(), the decode) materializes it
+    check_memory(f"latents in {path} of shape {tuple(obj.shape)} ({obj.numel()} values)", obj.numel() * 4, "cpu")
+    bad = obj.numel() - int(torch.isfinite(obj).sum())
+    if bad:
+        raise ValueError(f"latents in {path} hold {bad} non-finite value(s) (NaN or inf) of {obj.numel()}")
     return obj if obj.ndim == 4 else obj[None]
+
+
+def decode_memory(vae: torch.nn.Module, shape: tuple[int, ...], *, dtype: torch.dtype,
+                  torch_attention: bool) -> int:
+    """Bytes a diffusers-layout decoder needs for latents of ``shape`` (B, C, h, w), roughly:
+    four of its widest activations alive at once (each up level runs at twice the previous
+    resolution, with the wider of its own and the previous level's channels), the float32 output,
+    and with ``torch_attention`` the mid-block's (hw x hw) float32 scores, which the torch
+    reference attention materializes (the kernels never do)."""
+    B, _, h, w = shape
+    chans = list(reversed(vae.config.block_out_channels))
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    widest = max(B * max(c, chans[i - 1] if i else c) * (h << i) * (w << i) for i, c in enumerate(chans))
+    scale = 1 << (len(chans) - 1)
+    need = 4 * widest * itemsize + B * vae.config.out_channels * (h * scale) * (w * scale) * 4
+    if torch_attention and getattr(vae.config, "mid_block_add_attention", True):
+        need += 2 * B * (h * w) ** 2 * 4  # scores and their softmax
+    return need
 
 
 @torch.no_grad()
@@ -81,12 +119,20 @@ def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, *, unscale: bool
     if latents.ndim != 4 or latents.shape[1] != channels:
         raise ValueError(f"latents have shape {tuple(latents.shape)}; this VAE decodes "
                          f"({channels}, h, w) or (B, {channels}, h, w)")
+    weight = next(vae.decoder.parameters())
+    from genfuse.kernels._common import resolve_backend
+
+    resolved = resolve_backend(backend, weight)
+    check_memory(f"decoding latents of shape {tuple(latents.shape)}",
+                 decode_memory(vae, tuple(latents.shape), dtype=weight.dtype, torch_attention=resolved == "torch"),
+                 weight.device, hint="decode fewer or smaller latents")
     z = latents.float()
     if unscale:
         z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    weight = next(vae.decoder.parameters())
     fast = accelerate(vae, backend=backend)
-    return fast.decode(z.to(weight.device, weight.dtype)).sample.float().cpu()
+    out = fast.decode(z.to(weight.device, weight.dtype)).sample.float().cpu()
+    _check_finite(out, "the decoded images")
+    return out
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
@@ -96,6 +142,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    _check_finite(images, "images")  # NaN would clamp to black and pass for a picture
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -106,6 +153,13 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
         y, x = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[y:y + h, x:x + w] = pixels[i].permute(1, 2, 0).numpy()  # (H, W, C)
     return grid
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    bad = x.numel() - int(torch.isfinite(x).sum())
+    if bad:
+        raise ValueError(f"{what} hold {bad} non-finite value(s) (NaN or inf) of {x.numel()}: "
+                         "refusing to write them as pixels")
 
 
 def save_png(grid: np.ndarray, path: str | os.PathLike) -> Path:

@@ -85,3 +85,37 @@ def test_image_grid_layout_and_grayscale():
     assert grid[1, 1, 0] == 0 and grid[-2, -2, 0] == 255  # -1 -> 0, +1 -> 255
     with pytest.raises(ValueError, match=r"\(N, 1 or 3, H, W\)"):
         images.image_grid(torch.zeros(2, 4, 8, 8))
+
+
+def test_too_many_images_are_refused_before_allocating(tmp_path, capsys):
+    """-n 10**12 used to ask torch for 400 TB of latents (a traceback, or the OOM killer)."""
+    out = tmp_path / "x.png"
+    assert main(["image", "dcgan-faces", "-n", str(10**12), "-o", str(out), "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("genfuse image: error: sampling 1000000000000 images from dcgan-faces needs ")
+    assert "available" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_nan_images_are_not_written_as_black_pixels():
+    imgs = torch.zeros(2, 3, 4, 4)
+    imgs[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"images hold 1 non-finite value\(s\) \(NaN or inf\) of 96"):
+        images.image_grid(imgs)
+
+
+@pytest.mark.parametrize("device, code, message", [
+    ("meta", 2, "argument --device: device 'meta' is not supported: genfuse runs on 'cpu' or 'cuda'"),
+    ("foo", 2, "argument --device: device 'foo' is not a torch device name"),
+    ("cuda:99", 1, "genfuse image: error: device 'cuda:99': "),
+])
+def test_bad_devices(tmp_path, capsys, device, code, message):
+    out = tmp_path / "x.png"
+    args = ["image", "dcgan-faces", "-n", "1", "-o", str(out), "--device", device]
+    if code == 2:
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+    else:
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()

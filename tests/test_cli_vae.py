@@ -79,6 +79,12 @@ def test_pipeline_folder_raw_latents_through_the_kernels(tmp_path, capsys, folde
     _close(img, _expected(vae, z[None]))
 
 
+def _poke(z, values):
+    """``z`` with its first len(values) elements set to ``values``."""
+    z.view(-1)[:len(values)] = torch.tensor(values)
+    return z
+
+
 def _write(tmp_path, name, obj):
     path = tmp_path / name
     if isinstance(obj, bytes):
@@ -99,6 +105,14 @@ def _write(tmp_path, name, obj):
     ("rank-2", "have shape (4, 5); expected (C, h, w) or (B, C, h, w)"),
     ("int-latents", "are torch.int64; expected a floating-point tensor"),
     ("3-channels", "latents have shape (1, 3, 4, 4); this VAE decodes (4, h, w) or (B, 4, h, w)"),
+    # NaN used to decode to an all-black PNG and exit 0
+    ("nan-latents", "latents in {tmp}/nan.pt hold 1 non-finite value(s) (NaN or inf) of 64"),
+    ("inf-latents", "latents in {tmp}/inf.pt hold 2 non-finite value(s)"),
+    # a few hundred bytes on disk (one stored value, stride 0), a petabyte to decode: the
+    # torch reference's mid-block attention alone would hold (4000*4000)**2 scores
+    ("expanded-latents", "decoding latents of shape (1, 4, 4000, 4000) needs"),
+    ("expanded-huge", "latents in {tmp}/huge.pt of shape (1, 4, 1000000, 1000000) (4000000000000 values) "
+                      "needs 14.6 TiB but only"),
 ])
 def test_bad_folders_and_latents_exit_1_with_a_message(tmp_path, capsys, folders, case, message):
     vae_dir, _, _ = folders
@@ -115,13 +129,51 @@ def test_bad_folders_and_latents_exit_1_with_a_message(tmp_path, capsys, folders
                "junk-latents": _write(tmp_path, "junk.pt", b"not a torch file" * 8),
                "rank-2": _write(tmp_path, "r2.pt", torch.randn(4, 5)),
                "int-latents": _write(tmp_path, "i.pt", torch.ones(4, 4, 4, dtype=torch.long)),
-               "3-channels": _write(tmp_path, "c3.pt", torch.randn(3, 4, 4))}.get(case, latents)
+               "3-channels": _write(tmp_path, "c3.pt", torch.randn(3, 4, 4)),
+               "nan-latents": _write(tmp_path, "nan.pt", _poke(torch.randn(4, 4, 4), [float("nan")])),
+               "inf-latents": _write(tmp_path, "inf.pt", _poke(torch.randn(1, 4, 4, 4), [float("inf"), -float("inf")])),
+               "expanded-latents": _write(tmp_path, "exp.pt", torch.zeros(1, 4, 1, 1).expand(1, 4, 4000, 4000)),
+               "expanded-huge": _write(tmp_path, "huge.pt", torch.zeros(1).expand(1, 4, 10**6, 10**6)),
+               }.get(case, latents)
     out = tmp_path / "out.png"
     assert main(["image", "--vae", str(folder), "--latents", str(latents), "-o", str(out),
                  "--backend", "torch"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("genfuse image: error: ") and message.format(tmp=tmp_path) in err
-    assert "Traceback" not in err and not out.exists()
+    assert "Traceback" not in err and err.count("\n") == 1 and not out.exists()
+    if case.startswith("expanded"):
+        assert latents.stat().st_size < 2000  # the whole attack fits in a small file
+
+
+def test_nan_out_of_the_decoder_is_refused(folders):
+    """A VAE whose weights make NaN gives NaN images: refused, not written as black pixels."""
+    _, _, vae = folders
+    import copy
+
+    broken = copy.deepcopy(vae)
+    with torch.no_grad():
+        broken.decoder.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="the decoded images hold 180 non-finite value"):
+        images.decode_latents(broken, torch.randn(1, 4, 3, 5), backend="torch")
+    with pytest.raises(ValueError, match="images hold 1 non-finite"):
+        images.image_grid(_poke(torch.zeros(1, 3, 2, 2), [float("nan")]))
+
+
+def test_decode_memory_estimate(folders):
+    """Grows with the output pixels (and, for the torch reference's attention, the square of
+    the latent pixels); an SD-sized decode of 64 x 64 latents stays in the gigabytes."""
+    _, _, vae = folders
+    small = images.decode_memory(vae, (1, 4, 8, 8), dtype=torch.float32, torch_attention=False)
+    assert images.decode_memory(vae, (2, 4, 8, 8), dtype=torch.float32, torch_attention=False) == 2 * small
+    assert images.decode_memory(vae, (1, 4, 16, 16), dtype=torch.float32, torch_attention=False) == 4 * small
+    with_attention = images.decode_memory(vae, (1, 4, 8, 8), dtype=torch.float32, torch_attention=True)
+    assert with_attention == small + 2 * 64 ** 2 * 4
+
+    class SD:  # the SD 1.5 VAE's decoder shape
+        class config:
+            block_out_channels, out_channels, mid_block_add_attention = (128, 256, 512, 512), 3, True
+    need = images.decode_memory(SD, (1, 4, 64, 64), dtype=torch.float16, torch_attention=False)
+    assert need == 4 * 256 * 512 * 512 * 2 + 3 * 512 * 512 * 4  # 4 x (256 ch x 512 x 512) fp16 + fp32 out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -68,3 +68,41 @@ def tiny_folder(kind: str, folder: os.PathLike):
     model.save_pretrained(str(folder))
     no_eos(model)
     return model, Path(folder)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_chat_folder(folder: os.PathLike, *, max_positions: int = 256) -> Path:
+    """A random-weight tiny Llama with a character-level tokenizer (printable ASCII and a
+    newline, one token each, decoded by plain concatenation) and a ChatML template, so text
+    prompts, `chat` and the CLI run on it in milliseconds a token. No EOS id anywhere: replies
+    always run to max_tokens. Vocabulary 288, ids 0..2 <unk> / <|im_start|> / <|im_end|>."""
+    import json
+
+    import transformers
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as Backend
+
+    folder = Path(folder)
+    cfg = transformers.LlamaConfig(
+        vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=max_positions,
+        rope_theta=10000.0, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(1234)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    model.save_pretrained(str(folder))
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    fillers = [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = {t: i for i, t in enumerate((specials + chars + fillers)[:288])}  # fillers: decode-only ids
+    backend = Backend(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in specials[1:]])
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return folder
