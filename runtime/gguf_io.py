@@ -5,8 +5,10 @@
 one parsed `GGUFFile` per path is cached here (keyed by size and mtime, so a rewritten file is
 read again). The reader memory-maps the file: tensor bytes are only paged in when dequantized.
 
-Anything the reader cannot parse (a truncated file, random bytes, a wrong magic) raises
-`ValueError` naming the file; nothing here ever unpickles.
+Before the reader sees a file, `gguf_guard.check_gguf_header` checks every count and length in
+its header against the file's size (the reader trusts them and can run for ever on a tiny file).
+Anything either cannot parse (a truncated file, random bytes, a wrong magic) raises `ValueError`
+naming the file; nothing here ever unpickles.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GGUF_MAGIC = b"GGUF"
+from .gguf_guard import check_gguf_header
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
 def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
     import gguf
 
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    check_gguf_header(path)  # every count and length in the header fits the file: the reader cannot run away
     try:
         reader = gguf.GGUFReader(path, "r")
         metadata = {key: field.contents() for key, field in reader.fields.items()}

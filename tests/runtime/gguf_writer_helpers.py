@@ -6,9 +6,13 @@ The tensor layout (names, q/k row permutation for arch "llama", GPT-2's Conv1D w
 (out, in)) comes from `loader_helpers.gguf_tensors`; the metadata keys are those the converter's
 `set_gguf_parameters` writes for each architecture. Every tensor name is checked against gguf-py's
 own table (`gguf.MODEL_TENSORS` / `gguf.TENSOR_NAMES`) so a typo cannot pass as a "real" file.
+
+`raw_gguf` and the ``kv_*`` helpers build GGUF bytes by hand instead, for headers that lie
+(counts and lengths past the end of the file, impossible configs) and which gguf-py cannot write.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,3 +128,71 @@ def write_model_gguf(path: Path, model, arch: str, qtype_for: Callable[[str, np.
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# --------------------------------------------------------------------------- hand-made (lying) GGUF bytes
+# gguf-py's writer cannot write a header that lies about its counts; these build one byte by byte
+# (GGUF v3 layout: gguf_guard's docstring).
+
+GGUF_UINT32, GGUF_FLOAT32, GGUF_STRING, GGUF_ARRAY, GGUF_UINT64 = 4, 6, 8, 9, 10
+
+
+def gstr(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv(key: str, vtype: int, payload: bytes) -> bytes:
+    """One key/value: ``payload`` is the value's bytes as written (see the kv_* helpers)."""
+    return gstr(key) + struct.pack("<I", vtype) + payload
+
+
+def kv_str(key: str, value: str) -> bytes:
+    return kv(key, GGUF_STRING, gstr(value))
+
+
+def kv_u32(key: str, value: int) -> bytes:
+    return kv(key, GGUF_UINT32, struct.pack("<I", value))
+
+
+def kv_f32(key: str, value: float) -> bytes:
+    return kv(key, GGUF_FLOAT32, struct.pack("<f", value))
+
+
+def kv_array(key: str, item_type: int, count: int, items: bytes = b"") -> bytes:
+    """An array claiming ``count`` items, followed by whatever ``items`` holds."""
+    return kv(key, GGUF_ARRAY, struct.pack("<IQ", item_type, count) + items)
+
+
+def tensor_info(name: str, dims: list[int], ggml_type: int = 0, offset: int = 0) -> bytes:
+    """ggml lists dims fastest first; type 0 is F32."""
+    return gstr(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + \
+        struct.pack("<IQ", ggml_type, offset)
+
+
+def raw_gguf(kvs: list[bytes], tensors: list[bytes] = (), data: bytes = b"", *, n_kv: int | None = None,
+             n_tensors: int | None = None, version: int = 3, pad_to: int | None = None) -> bytes:
+    """A GGUF file's bytes: header (counts default to the true ones), key/values, tensor infos,
+    padding to 32 and ``data``; ``pad_to`` pads the whole file with zeros to that size."""
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv)
+    body = head + b"".join(kvs) + b"".join(tensors)
+    if tensors:
+        body += b"\0" * (-len(body) % 32) + data
+    if pad_to is not None:
+        body += b"\0" * (pad_to - len(body))
+    return body
+
+
+def tiny_llama_metadata(arch: str = "llama", **overrides) -> list[bytes]:
+    """The key/values of a 1-layer, hidden-8 llama GGUF; ``overrides``: {suffix: kv bytes or None}
+    (None drops the key), suffixes like "block_count"."""
+    base = {
+        "block_count": kv_u32(f"{arch}.block_count", 1),
+        "embedding_length": kv_u32(f"{arch}.embedding_length", 8),
+        "feed_forward_length": kv_u32(f"{arch}.feed_forward_length", 16),
+        "attention.head_count": kv_u32(f"{arch}.attention.head_count", 2),
+        "vocab_size": kv_u32(f"{arch}.vocab_size", 4),
+    }
+    base.update(overrides)
+    return [kv_str("general.architecture", arch)] + [v for v in base.values() if v is not None]
