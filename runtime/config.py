@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,127 @@ GGUF_ARCHS = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 #                   per-frequency divisors are a tensor (state dict key `model.rope_freqs`,
 #                   shape (head_dim // 2,)); inv_freq is divided by it.
 ROPE_TYPES = ("linear", "llama3", "freq_factors")
+_ROPE_FACTORS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                 "freq_factors": ()}
+
+# Bounds on every size a config states: far past any real model (405B Llama: 126 layers, hidden
+# 16384; Gemma: vocabulary 262144; Llama 4: 10M positions), and small enough that nothing sized
+# from them (expected tensor lists, rotary tables, KV caches) can run away on a lying file.
+LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "num_layers": 4096,
+    "num_heads": 4096,
+    "num_kv_heads": 4096,
+    "head_dim": 4096,
+    "intermediate_size": 1 << 20,
+    "max_position_embeddings": 1 << 24,
+}
+
+_REQUIRED = object()
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+class ConfigReader:
+    """Typed reads from one config source (a config.json dict, GGUF metadata, a rope_scaling dict).
+
+    Every bad value raises one ValueError naming the source, the key, the value and the type or
+    range expected, e.g. ``x/config.json: rms_norm_eps = None is not a float`` -- never a bare
+    ``float()``/``int()`` error. A missing key gives ``default``; a JSON null gives ``default``
+    only with ``null_ok`` (configs write null for "unset" in some keys, never in others).
+    ``label`` is what the source is called in "has no ..." messages; ``path`` prefixes key names
+    in messages (``rope_scaling.factor``).
+    """
+
+    def __init__(self, d: dict, source: str, label: str = "config", *, path: str = "", context: str = ""):
+        self.d, self.source, self.label, self.path, self.context = d, source, label, path, context
+
+    def fail(self, key: str, value: Any, expected: str) -> ValueError:
+        return ValueError(f"{self.source}: {self.path}{key} = {_short(value)} is not {expected}")
+
+    def _value(self, key: str, default: Any, null_ok: bool, expected: str) -> tuple[Any, bool]:
+        """(value, is_default)."""
+        if key not in self.d or (self.d[key] is None and null_ok):
+            if default is _REQUIRED:
+                raise ValueError(f"{self.source}: {self.label} has no {self.path + key!r}{self.context}")
+            return default, True
+        v = self.d[key]
+        if v is None:
+            raise self.fail(key, v, expected)
+        return v, False
+
+    def int(self, key: str, default: Any = _REQUIRED, *, lo: int | None = None, hi: int | None = None,
+            null_ok: bool = False) -> Any:
+        what = "an int" if lo is None else f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+        v, dflt = self._value(key, default, null_ok, what)
+        if dflt:
+            return v
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(key, v, what)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise self.fail(key, v, what)
+        return v
+
+    def dim(self, key: str, field: str, default: Any = _REQUIRED, *, null_ok: bool = False) -> Any:
+        """A size bounded by LIMITS[field]."""
+        return self.int(key, default, lo=1, hi=LIMITS[field], null_ok=null_ok)
+
+    def float(self, key: str, default: Any = _REQUIRED, *, positive: bool = False, null_ok: bool = False) -> Any:
+        what = "a positive finite number" if positive else "a number"
+        v, dflt = self._value(key, default, null_ok, what)
+        if dflt:
+            return v
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise self.fail(key, v, what)
+        v = float(v)
+        if positive and not (v > 0 and math.isfinite(v)):
+            raise self.fail(key, v, what)
+        return v
+
+    def bool(self, key: str, default: Any = _REQUIRED, *, null_ok: bool = False) -> Any:
+        v, dflt = self._value(key, default, null_ok, "true or false")
+        if not dflt and not isinstance(v, bool):
+            raise self.fail(key, v, "true or false")
+        return v
+
+    def str(self, key: str, default: Any = _REQUIRED, *, null_ok: bool = False) -> Any:
+        v, dflt = self._value(key, default, null_ok, "a string")
+        if not dflt and not isinstance(v, str):
+            raise self.fail(key, v, "a string")
+        return v
+
+    def dict(self, key: str, default: Any = _REQUIRED, *, null_ok: bool = False) -> Any:
+        v, dflt = self._value(key, default, null_ok, "an object")
+        if not dflt and not isinstance(v, dict):
+            raise self.fail(key, v, "an object (a JSON dict)")
+        return v
+
+    def list(self, key: str, item: type | tuple[type, ...], default: Any = _REQUIRED, *, what: str) -> Any:
+        """A list whose items are all ``item`` (bools never count as numbers); ``what`` names them."""
+        v, dflt = self._value(key, default, True, f"a list of {what}")
+        if dflt:
+            return v
+        if not isinstance(v, list):
+            raise self.fail(key, v, f"a list of {what}")
+        for i, x in enumerate(v):
+            if not isinstance(x, item) or (isinstance(x, bool) and item is not bool):
+                raise ValueError(f"{self.source}: {self.path}{key}[{i}] = {_short(x)} is not one of {what}")
+        return v
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        """A token id or a list of them (HF eos_token_id); missing or null -> ()."""
+        v, dflt = self._value(key, None, True, "a token id")
+        if dflt:
+            return ()
+        items = v if isinstance(v, list) else [v]
+        for x in items:
+            if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+                raise self.fail(key, v, "a token id (an int >= 0) or a list of them")
+        return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -61,22 +183,35 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ("llama", "gpt2"):
             raise ValueError(f"arch must be 'llama' or 'gpt2', not {self.arch!r}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size", "max_position_embeddings"):
+        for name, hi in LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise ValueError(f"{name} must be an int in [1, {hi}], got {_short(v)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.arch == "gpt2" and self.num_heads * self.head_dim != self.hidden_size:
             raise ValueError(f"gpt2: num_heads={self.num_heads} x head_dim={self.head_dim} != hidden_size={self.hidden_size}")
         if self.arch == "llama" and self.head_dim % 2:
             raise ValueError(f"rotary needs an even head_dim, got {self.head_dim}")
-        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
-                             f"(supported: {', '.join(ROPE_TYPES)}, or none)")
+        # each of these divides or exponentiates something: 0, < 0, NaN or inf give garbage
+        for name in ("norm_eps", "rope_theta"):
+            _check_positive(name, getattr(self, name))
+        sc = self.rope_scaling
+        if sc is not None:
+            if not isinstance(sc, dict) or sc.get("rope_type") not in ROPE_TYPES:
+                kind = sc.get("rope_type") if isinstance(sc, dict) else sc
+                raise ValueError(f"rope_scaling type {kind!r} is not supported "
+                                 f"(supported: {', '.join(ROPE_TYPES)}, or none)")
+            for key in _ROPE_FACTORS[sc["rope_type"]]:
+                _check_positive(f"rope_scaling {key}", sc.get(key))
+            if sc["rope_type"] == "llama3":
+                orig = sc.get("original_max_position_embeddings")
+                if not isinstance(orig, int) or isinstance(orig, bool) or orig < 1:
+                    raise ValueError(f"rope_scaling original_max_position_embeddings must be a positive int, "
+                                     f"got {_short(orig)}")
+                if not sc["high_freq_factor"] > sc["low_freq_factor"]:  # the interpolation divides by the gap
+                    raise ValueError(f"rope_scaling high_freq_factor ({sc['high_freq_factor']}) must exceed "
+                                     f"low_freq_factor ({sc['low_freq_factor']})")
 
     @property
     def eos_token_id(self) -> int | None:
@@ -96,98 +231,101 @@ class ModelConfig:
     def from_hf(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
         """From a Hugging Face ``config.json`` dict; ``source`` names the file in errors."""
         model_type = d.get("model_type")
-        if model_type not in HF_MODEL_TYPES:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported "
+        if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {_short(model_type)} is not supported "
                              f"(supported: {', '.join(HF_MODEL_TYPES)})")
-        try:
-            if HF_MODEL_TYPES[model_type] == "gpt2":
-                return cls._from_hf_gpt2(d, source)
-            return cls._from_hf_llama(d, source)
-        except KeyError as e:
-            raise ValueError(f"{source}: missing key {e.args[0]!r} for model_type {model_type!r}") from None
+        r = ConfigReader(d, source, context=f" (needed for model_type {model_type!r})")
+        build = cls._from_hf_gpt2 if HF_MODEL_TYPES[model_type] == "gpt2" else cls._from_hf_llama
+        return _named(source, lambda: cls(**build(r, model_type)))
 
-    @classmethod
-    def _from_hf_llama(cls, d: dict, source: str) -> ModelConfig:
-        model_type = d["model_type"]
-        heads = d["num_attention_heads"]
-        hidden = d["hidden_size"]
-        if model_type == "mistral" and d.get("sliding_window") is not None:
+    @staticmethod
+    def _from_hf_llama(r: ConfigReader, model_type: str) -> dict:
+        heads = r.dim("num_attention_heads", "num_heads")
+        hidden = r.dim("hidden_size", "hidden_size")
+        max_pos = r.dim("max_position_embeddings", "max_position_embeddings",
+                        32768 if model_type == "mistral" else 2048)
+        window = r.int("sliding_window", None, lo=1, null_ok=True) if model_type == "mistral" else None
+        if window is not None:
             # Mistral v0.1 ships sliding_window=4096; attention is only identical to full
             # attention up to that length, so the runtime caps max positions there.
-            max_pos = min(d.get("max_position_embeddings", 32768), d["sliding_window"])
-        else:
-            max_pos = d.get("max_position_embeddings", 2048)
-        if model_type == "qwen2" and d.get("use_sliding_window"):
-            raise ValueError(f"{source}: qwen2 with use_sliding_window=true is not supported")
+            max_pos = min(max_pos, window)
+        if model_type == "qwen2" and r.bool("use_sliding_window", False, null_ok=True):
+            raise ValueError(f"{r.source}: qwen2 with use_sliding_window=true is not supported")
         # transformers >= 5 folds theta and scaling into "rope_parameters"; older files use
         # "rope_theta" + "rope_scaling".
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_key = "rope_parameters" if r.d.get("rope_parameters") else "rope_scaling"
+        rope = r.dict(rope_key, {}, null_ok=True)
+        rr = ConfigReader(rope, r.source, path=rope_key + ".")
+        theta = r.float("rope_theta", None, positive=True, null_ok=True)
+        if theta is None:
+            theta = rr.float("rope_theta", 10000.0, positive=True)
         if model_type == "qwen2":
             attn_bias, out_bias = True, False  # Qwen2 has q/k/v bias, none on o_proj
         else:
-            attn_bias = out_bias = bool(d.get("attention_bias", False))
-        act = d.get("hidden_act", "silu")
+            attn_bias = out_bias = r.bool("attention_bias", False)
+        act = r.str("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported for {model_type} (only silu)")
-        return cls(
+            raise ValueError(f"{r.source}: hidden_act {act!r} is not supported for {model_type} (only silu)")
+        head_dim = r.int("head_dim", None, lo=0, hi=LIMITS["head_dim"], null_ok=True)
+        return dict(
             arch="llama",
-            vocab_size=d["vocab_size"],
+            vocab_size=r.dim("vocab_size", "vocab_size"),
             hidden_size=hidden,
-            num_layers=d["num_hidden_layers"],
+            num_layers=r.dim("num_hidden_layers", "num_layers"),
             num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or hidden // heads,
-            intermediate_size=d["intermediate_size"],
-            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=r.dim("num_key_value_heads", "num_kv_heads", heads, null_ok=True),
+            head_dim=head_dim or hidden // heads,  # transformers: `head_dim or hidden // heads`
+            intermediate_size=r.dim("intermediate_size", "intermediate_size"),
+            norm_eps=r.float("rms_norm_eps", 1e-6, positive=True),
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            rope_theta=float(theta),
-            rope_scaling=_normalize_rope(rope, source),
+            tie_word_embeddings=r.bool("tie_word_embeddings", False),
+            rope_theta=theta,
+            rope_scaling=_normalize_rope(rr),
             attention_bias=attn_bias,
             attention_out_bias=out_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            mlp_bias=r.bool("mlp_bias", False),
             hidden_act="silu",
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=_ids(d.get("eos_token_id")),
+            bos_token_id=_one_id(r, "bos_token_id"),
+            eos_token_ids=r.token_ids("eos_token_id"),
             model_type=model_type,
-            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
-            extra=d,
+            torch_dtype=_dtype_name(r),
+            extra=r.d,
         )
 
-    @classmethod
-    def _from_hf_gpt2(cls, d: dict, source: str) -> ModelConfig:
-        hidden = d["n_embd"]
-        heads = d["n_head"]
-        act = d.get("activation_function", "gelu_new")
+    @staticmethod
+    def _from_hf_gpt2(r: ConfigReader, model_type: str) -> dict:
+        hidden = r.dim("n_embd", "hidden_size")
+        heads = r.dim("n_head", "num_heads")
+        act = r.str("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{source}: gpt2 activation_function {act!r} is not supported (gelu_new)")
-        if d.get("scale_attn_by_inverse_layer_idx") or d.get("reorder_and_upcast_attn"):
-            raise ValueError(f"{source}: gpt2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+            raise ValueError(f"{r.source}: gpt2 activation_function {act!r} is not supported (gelu_new)")
+        if (r.bool("scale_attn_by_inverse_layer_idx", False, null_ok=True)
+                or r.bool("reorder_and_upcast_attn", False, null_ok=True)):
+            raise ValueError(f"{r.source}: gpt2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
                              "are not supported")
-        if d.get("scale_attn_weights", True) is False:
-            raise ValueError(f"{source}: gpt2 scale_attn_weights=false is not supported")
-        return cls(
+        if r.bool("scale_attn_weights", True, null_ok=True) is False:
+            raise ValueError(f"{r.source}: gpt2 scale_attn_weights=false is not supported")
+        return dict(
             arch="gpt2",
-            vocab_size=d["vocab_size"],
+            vocab_size=r.dim("vocab_size", "vocab_size"),
             hidden_size=hidden,
-            num_layers=d["n_layer"],
+            num_layers=r.dim("n_layer", "num_layers"),
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            intermediate_size=d.get("n_inner") or 4 * hidden,
-            norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
-            max_position_embeddings=d.get("n_positions", 1024),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            intermediate_size=r.dim("n_inner", "intermediate_size", 4 * hidden, null_ok=True),
+            norm_eps=r.float("layer_norm_epsilon", 1e-5, positive=True),
+            max_position_embeddings=r.dim("n_positions", "max_position_embeddings", 1024),
+            tie_word_embeddings=r.bool("tie_word_embeddings", True),
             attention_bias=True,
             attention_out_bias=True,
             mlp_bias=True,
             hidden_act="gelu_tanh",
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=_ids(d.get("eos_token_id")),
+            bos_token_id=_one_id(r, "bos_token_id"),
+            eos_token_ids=r.token_ids("eos_token_id"),
             model_type="gpt2",
-            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
-            extra=d,
+            torch_dtype=_dtype_name(r),
+            extra=r.d,
         )
 
     # ------------------------------------------------------------------ GGUF metadata
@@ -199,106 +337,128 @@ class ModelConfig:
 
         ``embedding_rows``: token_embd.weight's row count, the vocabulary size of last resort: a
         file without tokenizer metadata (llama.cpp's converter writes no ``vocab_size`` for
-        gpt2) still says it through its embedding."""
-        gguf_arch = metadata.get("general.architecture")
+        gpt2) still says it through its embedding. The block count must match the blocks the
+        tensor names hold (checked before anything is sized by it)."""
+        r = ConfigReader(metadata, source, "GGUF metadata")
+        gguf_arch = r.str("general.architecture")
         if gguf_arch not in GGUF_ARCHS:
             raise ValueError(f"{source}: GGUF architecture {gguf_arch!r} is not supported "
                              f"(supported: {', '.join(GGUF_ARCHS)})")
         names = set(tensor_names)
+        a = gguf_arch + "."
 
-        def key(suffix, default=KeyError):
-            k = f"{gguf_arch}.{suffix}"
-            if k in metadata:
-                return metadata[k]
-            if default is KeyError:
-                raise ValueError(f"{source}: GGUF metadata has no {k!r}")
-            return default
-
-        hidden = int(key("embedding_length"))
-        heads = int(key("attention.head_count"))
-        kv_heads = key("attention.head_count_kv", heads)
-        if isinstance(kv_heads, list):  # per-layer counts (hybrid models): not a family we run
-            raise ValueError(f"{source}: per-layer attention.head_count_kv is not supported")
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        vocab = key("vocab_size", None) or (len(tokens) if tokens else None) or embedding_rows
+        hidden = r.dim(a + "embedding_length", "hidden_size")
+        heads = r.dim(a + "attention.head_count", "num_heads")
+        if isinstance(metadata.get(a + "attention.head_count_kv"), list):
+            # per-layer counts (hybrid models): not a family we run
+            raise ValueError(f"{source}: per-layer {a}attention.head_count_kv is not supported")
+        kv_heads = r.dim(a + "attention.head_count_kv", "num_kv_heads", heads)
+        layers = r.dim(a + "block_count", "num_layers")
+        blocks = {int(m.group(1)) for n in names if (m := _GGUF_BLOCK_INDEX.match(n))}
+        if blocks != set(range(layers)):
+            held = f"blocks 0..{max(blocks)} ({len(blocks)} distinct)" if blocks else "no blocks"
+            raise ValueError(f"{source}: {a}block_count = {layers}, but the file's tensors hold {held}")
+        tokens = r.list("tokenizer.ggml.tokens", str, None, what="strings")
+        vocab = r.dim(a + "vocab_size", "vocab_size", None) or (len(tokens) if tokens else None) or embedding_rows
         if vocab is None:
             raise ValueError(f"{source}: cannot tell the vocabulary size (no vocab_size, no tokenizer.ggml.tokens, "
                              "no token_embd.weight)")
-        eos = _ids(metadata.get("tokenizer.ggml.eos_token_id"))
+        eos = r.token_ids("tokenizer.ggml.eos_token_id")
         # llama.cpp also stops on end-of-turn / end-of-message tokens (Llama 3's <|eot_id|>).
         for extra_key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-            tid = metadata.get(extra_key)
+            tid = _one_id(r, extra_key)
             if tid is not None and tid not in eos:
-                eos = eos + (int(tid),)
+                eos = eos + (tid,)
         common = dict(
-            vocab_size=int(vocab),
+            vocab_size=vocab,
             hidden_size=hidden,
-            num_layers=int(key("block_count")),
+            num_layers=layers,
             num_heads=heads,
-            num_kv_heads=int(kv_heads),
-            max_position_embeddings=int(key("context_length", 2048)),
+            num_kv_heads=kv_heads,
+            max_position_embeddings=r.dim(a + "context_length", "max_position_embeddings", 2048),
             tie_word_embeddings="output.weight" not in names,
-            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            bos_token_id=_one_id(r, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos,
             model_type=gguf_arch,
             torch_dtype=None,
             extra={k: v for k, v in metadata.items() if not k.startswith("tokenizer.ggml.")},
         )
         if GGUF_ARCHS[gguf_arch] == "gpt2":
-            return cls(arch="gpt2", head_dim=hidden // heads,
-                       intermediate_size=int(key("feed_forward_length", 4 * hidden)),
-                       norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
-                       attention_bias=True, attention_out_bias=True, mlp_bias=True,
-                       hidden_act="gelu_tanh", **common)
+            return _named(source, lambda: cls(
+                arch="gpt2", head_dim=hidden // heads,
+                intermediate_size=r.dim(a + "feed_forward_length", "intermediate_size", 4 * hidden),
+                norm_eps=r.float(a + "attention.layer_norm_epsilon", 1e-5, positive=True),
+                attention_bias=True, attention_out_bias=True, mlp_bias=True,
+                hidden_act="gelu_tanh", **common))
 
-        head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // heads)
+        head_dim = (r.int(a + "attention.key_length", 0, lo=0, hi=LIMITS["head_dim"])
+                    or r.int(a + "rope.dimension_count", 0, lo=0, hi=LIMITS["head_dim"]) or hidden // heads)
         rope_scaling = None
-        scaling_type = key("rope.scaling.type", None)
+        scaling_type = r.str(a + "rope.scaling.type", None)
         if "rope_freqs.weight" in names:
             rope_scaling = {"rope_type": "freq_factors"}
         elif scaling_type == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+            rope_scaling = {"rope_type": "linear", "factor": r.float(a + "rope.scaling.factor", positive=True)}
         elif scaling_type not in (None, "none"):
             raise ValueError(f"{source}: GGUF rope.scaling.type {scaling_type!r} is not supported")
-        return cls(
+        return _named(source, lambda: cls(
             arch="llama", head_dim=head_dim,
-            intermediate_size=int(key("feed_forward_length")),
-            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            intermediate_size=r.dim(a + "feed_forward_length", "intermediate_size"),
+            norm_eps=r.float(a + "attention.layer_norm_rms_epsilon", 1e-6, positive=True),
+            rope_theta=r.float(a + "rope.freq_base", 10000.0, positive=True),
             rope_scaling=rope_scaling,
             attention_bias="blk.0.attn_q.bias" in names,
             attention_out_bias="blk.0.attn_output.bias" in names,
             mlp_bias="blk.0.ffn_up.bias" in names,
-            hidden_act="silu", **common)
+            hidden_act="silu", **common))
 
 
-def _ids(v) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v)
-    return (int(v),)
+_GGUF_BLOCK_INDEX = re.compile(r"^blk\.(\d+)\.")
 
 
-def _normalize_rope(rope: dict, source: str) -> dict | None:
+def _named(source: str, build):
+    """``build()``, with the source named in the dataclass's own checks (heads vs kv heads, ...)."""
+    try:
+        return build()
+    except ValueError as e:
+        if str(e).startswith(source + ":"):
+            raise
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _one_id(r: ConfigReader, key: str) -> int | None:
+    v, dflt = r._value(key, None, True, "a token id")
+    if not dflt and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        raise r.fail(key, v, "a token id (an int >= 0)")
+    return v
+
+
+def _dtype_name(r: ConfigReader) -> str | None:
+    return r.str("torch_dtype", None, null_ok=True) or r.str("dtype", None, null_ok=True)
+
+
+def _check_positive(name: str, v: Any) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a positive finite number, got {_short(v)}")
+
+
+def _normalize_rope(rr: ConfigReader) -> dict | None:
     """HF rope_scaling / rope_parameters -> None (plain rotary) or a dict with "rope_type"."""
-    kind = rope.get("rope_type") or rope.get("type") or "default"
+    kind = rr.str("rope_type", None, null_ok=True) or rr.str("type", None, null_ok=True) or "default"
     if kind == "default":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(rope["factor"])}
+        return {"rope_type": "linear", "factor": rr.float("factor", positive=True)}
     if kind == "llama3":
-        try:
-            return {
-                "rope_type": "llama3",
-                "factor": float(rope["factor"]),
-                "low_freq_factor": float(rope["low_freq_factor"]),
-                "high_freq_factor": float(rope["high_freq_factor"]),
-                "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
-            }
-        except KeyError as e:
-            raise ValueError(f"{source}: llama3 rope scaling lacks {e.args[0]!r}") from None
-    raise ValueError(f"{source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+        rr.context = " (llama3 rope scaling)"
+        return {
+            "rope_type": "llama3",
+            "factor": rr.float("factor", positive=True),
+            "low_freq_factor": rr.float("low_freq_factor", positive=True),
+            "high_freq_factor": rr.float("high_freq_factor", positive=True),
+            "original_max_position_embeddings": rr.int("original_max_position_embeddings", lo=1),
+        }
+    raise ValueError(f"{rr.source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:

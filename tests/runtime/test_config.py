@@ -150,3 +150,142 @@ def test_config_is_frozen_and_validated():
         ModelConfig(arch="llama", vocab_size=1, hidden_size=0, num_layers=1, num_heads=1, num_kv_heads=1,
                     head_dim=2, intermediate_size=1, norm_eps=1e-5, max_position_embeddings=1,
                     tie_word_embeddings=True)
+
+
+# --------------------------------------------------------------------------- bad values (issue 10: items 5, 10, 11)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"rms_norm_eps": None}, "rms_norm_eps = None is not a positive finite number"),
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps = 0.0"),
+    ({"rms_norm_eps": -1e-5}, "rms_norm_eps = -1e-05"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps = nan"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps = '1e-5'"),
+    ({"eos_token_id": "two"}, "eos_token_id = 'two' is not a token id"),
+    ({"eos_token_id": [2, -1]}, "eos_token_id = [2, -1]"),
+    ({"bos_token_id": 1.5}, "bos_token_id = 1.5"),
+    ({"hidden_size": "sixty-four"}, "hidden_size = 'sixty-four' is not an int"),
+    ({"hidden_size": 64.0}, "hidden_size = 64.0"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers = 1000000000 is not an int in [1, 4096]"),
+    ({"num_hidden_layers": True}, "num_hidden_layers = True"),
+    ({"num_attention_heads": 0}, "num_attention_heads = 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads = 0"),
+    ({"vocab_size": 2**40}, "vocab_size = 1099511627776"),
+    ({"max_position_embeddings": 2**40}, "max_position_embeddings = 1099511627776"),
+    ({"intermediate_size": -5}, "intermediate_size = -5"),
+    ({"head_dim": "16"}, "head_dim = '16'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings = 'false' is not true or false"),
+    ({"rope_theta": 0}, "rope_theta = 0.0"),
+    ({"rope_theta": -10000.0}, "rope_theta = -10000.0"),
+    ({"rope_theta": float("inf")}, "rope_theta = inf"),
+    ({"rope_scaling": {"type": "linear", "factor": 0}}, "rope_scaling.factor = 0.0"),
+    ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "rope_scaling.factor = -2.0"),
+    ({"rope_scaling": {"type": "linear", "factor": float("nan")}}, "rope_scaling.factor = nan"),
+    ({"rope_scaling": {"type": "linear"}}, "rope_scaling.factor"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "factor": 0.0}}, "rope_scaling.factor = 0.0"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "low_freq_factor": float("inf")}}, "rope_scaling.low_freq_factor = inf"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 1.0}}, "must exceed low_freq_factor"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": "64"}},
+     "rope_scaling.original_max_position_embeddings = '64'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.0}}, "rope_parameters.rope_theta = 0.0"),
+    ({"rope_scaling": "linear"}, "rope_scaling = 'linear' is not an object"),
+    ({"model_type": ["llama"]}, "model_type ['llama'] is not supported"),
+    ({"num_attention_heads": 5}, "num_heads=5 is not a multiple of num_kv_heads=2"),
+])
+def test_bad_config_values_name_key_and_value(tmp_path, change, needle):
+    """Every key goes through one reader: a ValueError naming the file, the key and the value --
+    not a bare float()/int() error, a ZeroDivisionError, or a model that silently computes garbage
+    (a rope factor of 0 generated token 0 for ever). JSON's NaN/Infinity are read by json too."""
+    d = {**BASE, "num_key_value_heads": 2, **change}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError) as e:
+        load_config(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(str(tmp_path / "config.json") + ":") and needle in msg and "\n" not in msg, msg
+
+
+def test_null_means_default_only_where_configs_write_it():
+    d = {**BASE, "num_key_value_heads": None, "head_dim": None, "rope_scaling": None, "eos_token_id": None,
+         "bos_token_id": None, "torch_dtype": None}
+    c = ModelConfig.from_hf(d)
+    assert (c.num_kv_heads, c.head_dim, c.rope_scaling, c.eos_token_ids, c.bos_token_id) == (4, 16, None, (), None)
+    gpt2 = {"model_type": "gpt2", "vocab_size": 10, "n_embd": 8, "n_layer": 1, "n_head": 2, "n_inner": None}
+    assert ModelConfig.from_hf(gpt2).intermediate_size == 32
+    with pytest.raises(ValueError, match="layer_norm_epsilon = None"):
+        ModelConfig.from_hf({**gpt2, "layer_norm_epsilon": None})
+
+
+def test_dataclass_bounds_and_rope_checks():
+    ok = dict(arch="llama", vocab_size=4, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4,
+              intermediate_size=8, norm_eps=1e-5, max_position_embeddings=16, tie_word_embeddings=True)
+    ModelConfig(**ok)
+    for change, needle in [({"num_layers": 10**9}, "num_layers"), ({"rope_theta": float("nan")}, "rope_theta"),
+                           ({"norm_eps": 0.0}, "norm_eps"),
+                           ({"rope_scaling": {"rope_type": "linear", "factor": 0.0}}, "rope_scaling factor"),
+                           ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling factor"),
+                           ({"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 0}},
+                            "original_max_position_embeddings")]:
+        with pytest.raises(ValueError, match=needle):
+            ModelConfig(**{**ok, **change})
+
+
+def _gguf(tmp_path, name, *, blocks=1, **overrides):
+    """A hand-made llama GGUF (1 layer, hidden 8, 2 heads) with one F32 tensor per block."""
+    from gguf_writer_helpers import raw_gguf, tensor_info, tiny_llama_metadata
+
+    tensors = [tensor_info(f"blk.{i}.attn_norm.weight", [8], offset=32 * i) for i in range(blocks)]
+    f = tmp_path / name
+    f.write_bytes(raw_gguf(tiny_llama_metadata(**overrides), tensors, b"\0" * 32 * blocks))
+    return f
+
+
+def test_gguf_bad_values_name_key_and_value(tmp_path):
+    from gguf_writer_helpers import kv_f32, kv_str, kv_u32
+
+    assert load_config(_gguf(tmp_path, "ok.gguf")).num_layers == 1
+    cases = {
+        "heads0": ({"attention.head_count": kv_u32("llama.attention.head_count", 0)},
+                   "llama.attention.head_count = 0"),  # was a ZeroDivisionError
+        "hidden_str": ({"embedding_length": kv_str("llama.embedding_length", "sixty-four")},
+                       "llama.embedding_length = 'sixty-four' is not an int"),
+        "theta0": ({"rope.freq_base": kv_f32("llama.rope.freq_base", 0.0)}, "llama.rope.freq_base = 0.0"),
+        "theta_neg": ({"rope.freq_base": kv_f32("llama.rope.freq_base", -1.0)}, "llama.rope.freq_base = -1.0"),
+        "eps_nan": ({"eps": kv_f32("llama.attention.layer_norm_rms_epsilon", float("nan"))},
+                    "llama.attention.layer_norm_rms_epsilon = nan"),
+        "eps0": ({"eps": kv_f32("llama.attention.layer_norm_rms_epsilon", 0.0)},
+                 "llama.attention.layer_norm_rms_epsilon = 0.0"),
+        "factor0": ({"t": kv_str("llama.rope.scaling.type", "linear"), "f": kv_f32("llama.rope.scaling.factor", 0.0)},
+                    "llama.rope.scaling.factor = 0.0"),
+        "factor_inf": ({"t": kv_str("llama.rope.scaling.type", "linear"),
+                        "f": kv_f32("llama.rope.scaling.factor", float("inf"))}, "llama.rope.scaling.factor = inf"),
+        "eos_str": ({"eos": kv_str("tokenizer.ggml.eos_token_id", "two")}, "tokenizer.ggml.eos_token_id = 'two'"),
+        "ctx_huge": ({"ctx": kv_u32("llama.context_length", 2**31)}, "llama.context_length = 2147483648"),
+    }
+    for name, (overrides, needle) in cases.items():
+        f = _gguf(tmp_path, name + ".gguf", **overrides)
+        with pytest.raises(ValueError) as e:
+            load_config(f)
+        assert str(e.value).startswith(str(f) + ":") and needle in str(e.value), (name, str(e.value))
+    from gguf_writer_helpers import raw_gguf, tiny_llama_metadata
+
+    f = tmp_path / "arch.gguf"
+    f.write_bytes(raw_gguf([kv_u32("general.architecture", 7)] + tiny_llama_metadata()[1:]))
+    with pytest.raises(ValueError, match="general.architecture = 7 is not a string"):
+        load_config(f)
+
+
+def test_gguf_block_count_is_checked_against_the_tensors(tmp_path):
+    """llama.block_count = 10**9 in a ~300-byte file made expected_shapes build 9 entries per
+    claimed layer (9 GB, minutes); now the count is bounded and must match the file's blocks."""
+    from gguf_writer_helpers import kv_u32
+
+    f = _gguf(tmp_path, "billion.gguf", block_count=kv_u32("llama.block_count", 10**9))
+    assert f.stat().st_size < 400
+    with pytest.raises(ValueError, match=r"llama.block_count = 1000000000 is not an int in \[1, 4096\]"):
+        load_config(f)
+    f = _gguf(tmp_path, "more.gguf", block_count=kv_u32("llama.block_count", 4000))
+    with pytest.raises(ValueError, match=r"llama.block_count = 4000, but the file's tensors hold blocks 0..0"):
+        load_config(f)
+    f = _gguf(tmp_path, "fewer.gguf", blocks=3)
+    with pytest.raises(ValueError, match=r"block_count = 1, but the file's tensors hold blocks 0..2"):
+        load_config(f)
