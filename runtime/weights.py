@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 import numpy as np
@@ -57,50 +57,72 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor name the model needs, with its shape."""
-    c = config
-    h, inter = c.hidden_size, c.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes = _top_shapes(config)
+    for i in range(config.num_layers):
+        shapes.update(_layer_shapes(config, i))
+    return shapes
+
+
+def expected_tensor_count(config: ModelConfig) -> int:
+    """len(expected_shapes(config)), without building one entry per layer (a lying config may
+    claim a billion layers; this is compared with the file first)."""
+    return len(_top_shapes(config)) + config.num_layers * len(_layer_shapes(config, 0))
+
+
+def _top_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h = c.hidden_size
     if c.arch == "llama":
-        shapes["model.embed_tokens.weight"] = (c.vocab_size, h)
-        for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (h,)
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
-            for proj, rows in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size)):
-                shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
-                if c.attention_bias:
-                    shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
-            shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
-            if c.attention_out_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (h,)
-            for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
-                shapes[p + f"mlp.{proj}_proj.weight"] = shape
-                if c.mlp_bias:
-                    shapes[p + f"mlp.{proj}_proj.bias"] = shape[:1]
-        shapes["model.norm.weight"] = (h,)
+        shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
         if c.rope_scaling is not None and c.rope_scaling["rope_type"] == "freq_factors":
             shapes["model.rope_freqs"] = (c.head_dim // 2,)
     else:
-        shapes["transformer.wte.weight"] = (c.vocab_size, h)
-        shapes["transformer.wpe.weight"] = (c.max_position_embeddings, h)
-        for i in range(c.num_layers):
-            p = f"transformer.h.{i}."
-            for ln in ("ln_1", "ln_2"):
-                shapes[p + f"{ln}.weight"] = (h,)
-                shapes[p + f"{ln}.bias"] = (h,)
-            for name, shape in (("attn.c_attn", (3 * h, h)), ("attn.c_proj", (h, h)),
-                                ("mlp.c_fc", (inter, h)), ("mlp.c_proj", (h, inter))):
-                shapes[p + f"{name}.weight"] = shape
-                shapes[p + f"{name}.bias"] = shape[:1]
-        shapes["transformer.ln_f.weight"] = (h,)
-        shapes["transformer.ln_f.bias"] = (h,)
+        shapes = {"transformer.wte.weight": (c.vocab_size, h),
+                  "transformer.wpe.weight": (c.max_position_embeddings, h),
+                  "transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)}
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, h)
     return shapes
 
 
+def _layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    h, inter = c.hidden_size, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if c.arch == "llama":
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        for proj, rows in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size)):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
+            if c.attention_bias:
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
+        if c.attention_out_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
+            shapes[p + f"mlp.{proj}_proj.weight"] = shape
+            if c.mlp_bias:
+                shapes[p + f"mlp.{proj}_proj.bias"] = shape[:1]
+    else:
+        p = f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            shapes[p + f"{ln}.weight"] = (h,)
+            shapes[p + f"{ln}.bias"] = (h,)
+        for name, shape in (("attn.c_attn", (3 * h, h)), ("attn.c_proj", (h, h)),
+                            ("mlp.c_fc", (inter, h)), ("mlp.c_proj", (h, inter))):
+            shapes[p + f"{name}.weight"] = shape
+            shapes[p + f"{name}.bias"] = shape[:1]
+    return shapes
+
+
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """ValueError naming ``source`` unless the names and shapes are exactly the expected ones."""
+    family = config.model_type or config.arch
+    n_want = expected_tensor_count(config)
+    if n_want > 2 * len(state_dict) + 64:
+        # refused before expected_shapes builds one entry per layer the config claims; below
+        # this the list costs no more than the file's own and names what is missing
+        raise ValueError(f"{source}: the {family} config ({config.num_layers} layers) implies {n_want} tensors, "
+                         f"the file holds {len(state_dict)}")
     want = expected_shapes(config)
     missing = sorted(set(want) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(want))
@@ -110,8 +132,7 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, s
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise ValueError(f"{source}: tensors do not match the {config.model_type or config.arch} config: "
-                         + "; ".join(parts))
+        raise ValueError(f"{source}: tensors do not match the {family} config: " + "; ".join(parts))
     for name, shape in want.items():
         got = tuple(state_dict[name].shape)
         if got != shape:
@@ -151,7 +172,8 @@ def load_weights(path: str | os.PathLike, config: ModelConfig | None = None, *,
 
 def safetensors_files(folder: Path) -> list[Path]:
     """The folder's weight files: those the index names, else `model.safetensors`, else all
-    `*.safetensors`. Pickle-only folders are refused with a ValueError naming the file."""
+    `*.safetensors`. Pickle-only folders, and shards named or linked outside the folder, are
+    refused with a ValueError naming the file."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
@@ -159,22 +181,45 @@ def safetensors_files(folder: Path) -> list[Path]:
             files = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: malformed safetensors index ({type(e).__name__}: {e})") from e
-        paths = [folder / f for f in files]
-        for f in paths:
-            if not f.is_file():
-                raise ValueError(f"{index}: names shard {f.name}, which is not in {folder}")
-        return paths
+        return [_shard_path(folder, index, f) for f in files]
     single = folder / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [_check_inside(folder, single)]
     found = sorted(folder.glob("*.safetensors"))
     if found:
-        return found
+        return [_check_inside(folder, f) for f in found]
     pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ValueError(f"{folder / pickles[0]}: pickle checkpoints are not loaded (unpickling runs code); "
                          "convert the model to safetensors")
     raise ValueError(f"{folder}: no *.safetensors weights in the model folder")
+
+
+def _shard_path(folder: Path, index: Path, name: object) -> Path:
+    """The shard an index names: a plain relative path inside ``folder`` (never ``../x`` or
+    ``/abs/x``) that, links followed, stays inside it too (see `_check_inside`)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: shard names must be non-empty strings, got {name!r}")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(name).drive or ".." in rel.parts or "\0" in name:
+        raise ValueError(f"{index}: names shard {name!r}, which is outside the model folder {folder}")
+    f = folder / rel
+    if not f.is_file():
+        raise ValueError(f"{index}: names shard {name}, which is not in {folder}")
+    return _check_inside(folder, f)
+
+
+def _check_inside(folder: Path, f: Path) -> Path:
+    """``f`` unless a symbolic link takes it out of ``folder`` (a link in an unpacked archive must
+    not make the loader read any file on the machine). The one layout allowed out is the Hugging
+    Face hub cache's: ``<repo>/snapshots/<revision>/x`` links to ``<repo>/blobs/<hash>``."""
+    real, home = f.resolve(), folder.resolve()
+    allowed = [home]
+    if home.parent.name == "snapshots":
+        allowed.append(home.parent.parent / "blobs")
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise ValueError(f"{f}: is a link to {real}, outside the model folder {folder}")
+    return f
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:

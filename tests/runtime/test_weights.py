@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,71 @@ def test_not_a_model_path(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(ValueError, match="weights.npz"):
         load_weights(f)
+
+
+# --------------------------------------------------------------------------- lying configs and indexes (issue 10)
+
+
+def test_tensor_count_is_compared_before_shapes_are_built(monkeypatch):
+    """A config claiming far more layers than the file holds is refused from arithmetic alone:
+    expected_shapes (one dict entry per tensor per claimed layer) is never built."""
+    from genfuse.runtime import weights
+    from genfuse.runtime.config import ModelConfig
+
+    c = ModelConfig(arch="llama", vocab_size=4, hidden_size=8, num_layers=4096, num_heads=2, num_kv_heads=2,
+                    head_dim=4, intermediate_size=8, norm_eps=1e-5, max_position_embeddings=16,
+                    tie_word_embeddings=True)
+    assert weights.expected_tensor_count(c) == len(weights.expected_shapes(c)) == 2 + 9 * 4096
+    calls = []
+    real = weights._layer_shapes
+    monkeypatch.setattr(weights, "_layer_shapes", lambda cfg, i: calls.append(i) or real(cfg, i))
+    sd = {"model.embed_tokens.weight": torch.zeros(4, 8), "model.norm.weight": torch.zeros(8)}
+    with pytest.raises(ValueError, match=r"src: the llama config \(4096 layers\) implies 36866 tensors, the file holds 2"):
+        weights.check_state_dict(sd, c, "src")
+    assert calls == [0]
+
+
+def test_hf_config_claiming_a_billion_layers(llama_folder):
+    cfg = json.loads((llama_folder / "config.json").read_text())
+    (llama_folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    with pytest.raises(ValueError, match="num_hidden_layers = 1000000000"):
+        load_weights(llama_folder)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/tmp/abs.safetensors", "sub/../../x.safetensors",
+                                  "..\\x.safetensors", "C:\\x.safetensors", ""])
+def test_index_naming_shards_outside_the_folder(llama_folder, name):
+    outside = llama_folder.parent / "outside.safetensors"
+    (llama_folder / "model.safetensors").rename(outside)  # a real shard sits outside: still refused
+    index = llama_folder / SAFETENSORS_INDEX
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": name}}))
+    msg = _raises_naming(index, load_weights, llama_folder)
+    assert "outside the model folder" in msg or "non-empty" in msg, msg
+
+
+def test_symlinked_shard_escaping_the_folder(llama_folder, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "w.safetensors"
+    (llama_folder / "model.safetensors").rename(elsewhere)
+    (llama_folder / "model.safetensors").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="outside the model folder"):
+        load_weights(llama_folder)
+    index = llama_folder / SAFETENSORS_INDEX
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "model.safetensors"}}))
+    with pytest.raises(ValueError, match="outside the model folder"):
+        load_weights(llama_folder)
+
+
+def test_hub_cache_layout_links_are_followed(tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/<file> links to ../../blobs/<hash>; it must load."""
+    model = tiny_hf_model("llama")
+    repo = tmp_path / "models--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    model.save_pretrained(snap)
+    for f in list(snap.iterdir()):
+        blob = blobs / f"hash-{f.name}"
+        f.rename(blob)
+        f.symlink_to(Path("../../blobs") / blob.name)
+    sd = load_weights(snap)
+    assert_same_state_dict(sd, canonical_reference(model))
