@@ -1,6 +1,7 @@
 """Compile every genfuse Triton kernel for an H100 (sm_90) without a GPU.
 
     python -m genfuse.bench.compile_check [--only attention,linear] [--jobs 2] [--list]
+    python -m genfuse.bench.compile_check --quick      (only what GENFUSE_AUTOTUNE=quick can pick)
     PYTHONPATH=. python bench/compile_check.py ...        (from a checkout, no install needed)
 
 The CPU machines run the kernels through Triton's interpreter only, which never lowers them;
@@ -30,6 +31,11 @@ cases (5 of 46 under 3.9). Run the script under the Triton you deploy with.
 Attention alone after head dims 257..512 (44 split-D cases added): 90/90 under each version,
 none over the limit; the split cases spill under neither (the spilling ones are the D <= 256
 cases above, unchanged).
+
+``--quick`` compiles the autotune configs that ``GENFUSE_AUTOTUNE=quick`` (the GPU check's
+short lists, kernels/_common.py) can pick: each case problem's pruning rule run in quick mode,
+every config it keeps, channels-last and NCHW for the convolutions; ``--tuned 100`` compiles
+every config the full pruning keeps (the data the quick lists were read from).
 
 ``TRITON_INTERPRET`` must be unset (or 0): with it the kernels are interpreter functions
 and cannot be compiled.
@@ -68,6 +74,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 # cannot launch (OutOfResources; the autotuner skips such a config, a plain launch fails).
 SMEM_LIMIT = 232448
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+EVERY = 10**6  # n_tuned that asks for every kept config (also NCHW convs, otherwise one each)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -105,6 +112,7 @@ class Case:
     num_warps: int = 4
     num_stages: int = 3
     extra: Dict[str, Any] = field(default_factory=dict)
+    tuned: bool = False               # an autotune config (not the interpreter's or a fixed launch)
 
 
 def _cfg_label(meta: Dict[str, Any], warps: int, stages: int) -> str:
@@ -157,7 +165,7 @@ def attention_cases(mod, n_tuned: int) -> List[Case]:
         const = dict(IS_CAUSAL=causal, RETURN_LSE=lse, HEAD_DIM=d, EVEN_D=d == block_d,
                      BLOCK_D=block_d, **const_dv, **meta)
         label = f"{DTYPES[dt]} D{d} causal={int(causal)} lse={int(lse)} {tag} {_cfg_label(meta, warps, stages)}"
-        return Case("attention", "_attn_fwd_kernel", label, args, const, warps, stages)
+        return Case("attention", "_attn_fwd_kernel", label, args, const, warps, stages, tuned=tag == "tuned")
 
     interp = dict(mod._INTERPRET_CONFIG)
     iw = interp.pop("num_warps", 4)
@@ -212,7 +220,8 @@ def decode_attention_cases(mod, n_tuned: int) -> List[Case]:
                      BLOCK_D=block_d, **meta)
         label = (f"{DTYPES[dt]} D{d} Tq{tq} page{page_size} split={int(split)} {tag} "
                  f"{_cfg_label(meta, warps, stages)}")
-        return Case("decode_attention", "_paged_attention_split_kernel", label, args, const, warps, stages)
+        return Case("decode_attention", "_paged_attention_split_kernel", label, args, const, warps, stages,
+                    tuned=tag == "tuned")
 
     interp = dict(mod._INTERPRET_CONFIG)
     iw = interp.pop("num_warps", 4)
@@ -257,7 +266,7 @@ def linear_cases(mod, n_tuned: int) -> List[Case]:
         const = dict(HAS_BIAS=bias, HAS_RESIDUAL=res, ACTIVATION=act, **meta)
         label = (f"{DTYPES[dt]} M{m} bias={int(bias)} res={int(res)} act={act} {tag} "
                  f"{_cfg_label(meta, warps, stages)}")
-        return Case("linear", kernel, label, args, const, warps, stages)
+        return Case("linear", kernel, label, args, const, warps, stages, tuned=tag == "tuned")
 
     for kernel, m, interp in (("_linear_gemm_kernel", 4096, mod._INTERP_GEMM),
                               ("_linear_small_m_kernel", 8, mod._INTERP_SMALL_M)):
@@ -370,7 +379,7 @@ def group_norm_cases(mod, n_tuned: int) -> List[Case]:
                             stride_xn=xs[0], stride_xc=xs[1], stride_xh=sh, stride_xw=sw)
                 cases.append(Case("group_norm", "_gn_stats_kernel",
                                   f"{shape} {_cfg_label(meta, cfg.num_warps, cfg.num_stages)}", args,
-                                  dict(SPATIAL_2D=sp2, **meta), cfg.num_warps, cfg.num_stages))
+                                  dict(SPATIAL_2D=sp2, **meta), cfg.num_warps, cfg.num_stages, tuned=True))
                 for wb, act in ((True, None), (True, "silu"), (False, "silu")):
                     args = dict(x_ptr=Ptr(dt), y_ptr=Ptr(dt), w_ptr=Ptr(dt), b_ptr=Ptr(dt),
                                 ws_ptr=Ptr(torch.float32), **sizes, eps=1e-6,
@@ -381,7 +390,7 @@ def group_norm_cases(mod, n_tuned: int) -> List[Case]:
                                  SPLIT_BLOCK=triton.next_power_of_2(split), **meta)
                     label = f"{shape} affine={int(wb)} act={act} {_cfg_label(meta, cfg.num_warps, cfg.num_stages)}"
                     cases.append(Case("group_norm", "_gn_apply_kernel", label, args, const, cfg.num_warps,
-                                      cfg.num_stages))
+                                      cfg.num_stages, tuned=True))
     return cases
 
 
@@ -414,7 +423,7 @@ def conv2d_cases(mod, n_tuned: int) -> List[Case]:
         const = dict(UPSAMPLE=up, HAS_BIAS=bias, ACTIVATION=act, HAS_RESIDUAL=res, **meta)
         label = (f"{DTYPES[dt]} {n}x{c}x{h}x{w}->{k} k{r}s{st}u{up} {'cl' if cl else 'nchw'} "
                  f"bias={int(bias)} act={act or '-'} res={int(res)} {tag} {_cfg_label(meta, warps, stages)}")
-        return Case("conv2d", "_conv2d_kernel", label, args, const, warps, stages)
+        return Case("conv2d", "_conv2d_kernel", label, args, const, warps, stages, tuned=tag == "tuned")
 
     interp = dict(mod._INTERPRET_CONFIG)
     for dt in FLOAT_DTYPES:                       # every flag, interpreter tile
@@ -424,10 +433,10 @@ def conv2d_cases(mod, n_tuned: int) -> List[Case]:
     for dt in FLOAT_DTYPES:                       # autotune configs per problem, both layouts
         for prob in problems:
             n, c, h, w, k, r, st, pad, up = prob
-            m = n * ((h * up + 2 * pad - r) // st + 1) ** 2
-            kept = mod._prune_tiles(mod._configs(), m, k, c, _empty(dt).element_size())
+            ho = (h * up + 2 * pad - r) // st + 1
+            kept = mod._prune(mod._configs(), {"N": n, "Ho": ho, "Wo": ho, "K": k, "C": c, "x_ptr": _empty(dt)})
             for cl in (True, False):
-                for cfg in _spread(kept, n_tuned if cl else 1):
+                for cfg in _spread(kept, n_tuned if cl or n_tuned == EVERY else 1):
                     cases.append(case(dt, prob, cl, True, "silu", False, dict(cfg.kwargs), cfg.num_warps,
                                       cfg.num_stages, "tuned"))
     return cases
@@ -457,7 +466,8 @@ def conv_transpose2d_cases(mod, n_tuned: int) -> List[Case]:
                      HAS_BIAS=bias, ACTIVATION=act, **meta)
         label = (f"{DTYPES[dt]} {n}x{ci}x{h}x{w}->{co} k{r}s{st}p{pad} {'cl' if cl else 'nchw'} "
                  f"bias={int(bias)} act={act or '-'} {tag} {_cfg_label(meta, warps, stages)}")
-        return Case("conv_transpose2d", "_conv_transpose2d_kernel", label, args, const, warps, stages)
+        return Case("conv_transpose2d", "_conv_transpose2d_kernel", label, args, const, warps, stages,
+                    tuned=tag == "tuned")
 
     interp = dict(mod._INTERPRET_CONFIG)
     acts = importlib.import_module(mod.__name__.rsplit(".", 1)[0] + ".conv2d").ACTIVATIONS
@@ -469,10 +479,10 @@ def conv_transpose2d_cases(mod, n_tuned: int) -> List[Case]:
         for prob in problems:
             n, ci, h, w, co, r, st, pad = prob
             ho = (h - 1) * st - 2 * pad + r
-            m = n * (-(-ho // st)) ** 2
-            kept = mod._prune_tiles(mod._configs(), m, co, ci, _empty(dt).element_size())
+            kept = mod._prune(mod._configs(), {"N": n, "Ho": ho, "Wo": ho, "CO": co, "CI": ci,
+                                               "x_ptr": _empty(dt)}, STRIDE_H=st, STRIDE_W=st)
             for cl in (True, False):
-                for cfg in _spread(kept, n_tuned if cl else 1):
+                for cfg in _spread(kept, n_tuned if cl or n_tuned == EVERY else 1):
                     cases.append(case(dt, prob, cl, False, "relu", dict(cfg.kwargs), cfg.num_warps,
                                       cfg.num_stages, "tuned"))
     return cases
@@ -583,15 +593,32 @@ def _work(i: int) -> Dict[str, Any]:
     return compile_case(case, fn)
 
 
-def collect(families, n_tuned: int) -> Tuple[List[Tuple[Case, Any]], List[str]]:
+@contextlib.contextmanager
+def _autotune_mode(mod, mode: Optional[str]):
+    """The kernels' autotune mode (``_common.AUTOTUNE``) while their pruning rules pick cases."""
+    common = mod._common
+    previous = common.AUTOTUNE
+    common.AUTOTUNE = mode or previous
+    try:
+        yield
+    finally:
+        common.AUTOTUNE = previous
+
+
+def collect(families, n_tuned: int, quick: bool = False) -> Tuple[List[Tuple[Case, Any]], List[str]]:
+    """Every family's cases; with ``quick``, only the autotune configs GENFUSE_AUTOTUNE=quick
+    can pick (each pruning rule in quick mode, all of what it keeps, for every case problem)."""
     cases, problems = [], []
     for fam in families:
         mod = _kernel_module(fam)
-        fam_cases = CASES[fam](mod, n_tuned)
+        with _autotune_mode(mod, "quick" if quick else None):
+            fam_cases = CASES[fam](mod, EVERY if quick else n_tuned)
+        if quick:
+            fam_cases = [c for c in fam_cases if c.tuned]
         covered = {c.kernel for c in fam_cases}
         jitted = {name for name, obj in vars(mod).items()
                   if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")}
-        for name in sorted(jitted - covered):
+        for name in sorted(jitted - covered) if not quick else ():
             problems.append(f"{fam}.{name}: a @triton.jit kernel with no compile case")
         for c in fam_cases:
             fn = getattr(mod, c.kernel)
@@ -606,6 +633,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(FAMILIES), help="comma-separated kernel families")
     p.add_argument("--tuned", type=int, default=3, help="autotune configs per problem (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="compile only the autotune configs GENFUSE_AUTOTUNE=quick can pick, every one "
+                        "the pruning keeps for each problem (families without autotuning have none)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     p.add_argument("--list", action="store_true", help="list the cases, compile nothing")
     p.add_argument("--cache-dir", help="Triton cache to use (default: a fresh temporary one, so "
@@ -617,7 +647,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         p.error(f"unknown families {bad}; choose from {', '.join(FAMILIES)}")
 
-    cases, problems = collect(families, a.tuned)
+    cases, problems = collect(families, a.tuned, a.quick)
     _ALL[:] = cases
     print(f"triton {triton.__version__}, torch {torch.__version__}, target {TARGET}, {len(cases)} compiles")
     if a.list:

@@ -207,3 +207,47 @@ def next_power_of_2(n: int) -> int:
 def prev_power_of_2(n: int) -> int:
     """The largest power of two <= n (1 for n <= 1): a block size that must stay under a cap."""
     return 1 if n <= 1 else 1 << (int(n).bit_length() - 1)
+
+
+# --------------------------------------------------------------------------------------
+# Autotune spaces. By default every kernel times its whole pruned space once per autotune key,
+# which is what users want (the best tile, tuned once). The GPU check has a few minutes for
+# everything, so GENFUSE_AUTOTUNE=quick narrows each space to a short list per shape class
+# (chosen from the sm_90 compile check's register / shared-memory data, see each kernel's
+# ``_quick_configs``): compile and tuning then fit the check. Read once, at import, like
+# TRITON_INTERPRET above.
+# --------------------------------------------------------------------------------------
+AUTOTUNE_MODES = ("full", "quick")
+
+
+def _autotune_mode(value: Optional[str]) -> str:
+    mode = (value or "full").strip().lower() or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"GENFUSE_AUTOTUNE must be one of {', '.join(AUTOTUNE_MODES)}, got {value!r}")
+    return mode
+
+
+AUTOTUNE: str = _autotune_mode(os.environ.get("GENFUSE_AUTOTUNE"))
+
+
+def config_key(config) -> tuple:
+    """A triton.Config's identity: its meta-parameters, warps and stages."""
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def quick_key(kwargs: dict, num_warps: int, num_stages: int) -> tuple:
+    """``config_key`` of the config written as (meta-parameters, warps, stages)."""
+    return (tuple(sorted(kwargs.items())), num_warps, num_stages)
+
+
+def select_quick(kept: list, quick: Sequence[tuple], mode: Optional[str] = None) -> list:
+    """What an autotune prune returns: ``kept`` (the configs that passed its rules) in full
+    mode; in quick mode the members of ``kept`` whose ``config_key`` is in ``quick`` (in
+    ``quick``'s order of preference), or the first kept config when none of them survived.
+
+    Selecting from ``kept`` means a quick config always passed the same rules as in full mode."""
+    if (AUTOTUNE if mode is None else mode) != "quick" or not kept:
+        return kept
+    by_key = {config_key(c): c for c in kept}
+    chosen = [by_key[k] for k in quick if k in by_key]
+    return chosen or kept[:1]

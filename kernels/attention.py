@@ -241,6 +241,41 @@ def _split_configs():
     ]
 
 
+# GENFUSE_AUTOTUNE=quick (the GPU check): per (element size, padded head dim) a short list
+# from the full spaces, (BLOCK_M, BLOCK_N, num_warps, num_stages) in order of preference. Read
+# off the sm_90 compile check of every kept config (bench/compile_check.py --tuned 100, D 64 /
+# 80 / 128 / 256 / 320 / 512, 2026-12-01): these compile without spills under both triton 3.6
+# (the GPU machine's) and 3.9, except where said. Under 3.6 every 4-warp 16-bit tile from D=80
+# up spills (64x32 at D=128: 156 bytes), so the 16-bit lists are 8-warp tiles; at D=256 every
+# 16-bit tile spills under 3.6, 64x32 on 8 warps least (232-276 bytes; none under 3.9). fp32
+# D=256 keeps only 64x32/8 warps/2 stages under 3.9 (112 bytes of spills) and nothing under
+# 3.6 (the pruning's 64x16 fallback, no spills). Head dims <= 64 share one list; the pruning
+# drops 128-row tiles for short queries.
+_QUICK = {
+    (2, 64): ((128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3)),
+    (2, 128): ((128, 32, 8, 3), (64, 32, 8, 3)),
+    (2, 256): ((64, 32, 8, 3), (64, 32, 8, 4)),
+    (4, 64): ((64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)),
+    (4, 128): ((64, 32, 8, 3), (128, 32, 8, 2)),
+    (4, 256): ((64, 32, 8, 2),),
+}
+# D > 256 (split D): (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages), per element size; no
+# spills under either version (fp32 keeps only its one config).
+_QUICK_SPLIT = {
+    2: ((64, 16, 256, 4, 2), (64, 32, 128, 4, 2)),
+    4: ((64, 16, 128, 8, 2),),
+}
+
+
+def _quick_configs(elem: int, block_d: int) -> Tuple[tuple, ...]:
+    """The quick list (``_common.config_key`` form) for this element size and padded head dim."""
+    if block_d > _MAX_UNSPLIT_HEAD_DIM:
+        return tuple(_common.quick_key({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DV": dv}, w, s)
+                     for bm, bn, dv, w, s in _QUICK_SPLIT[elem])
+    return tuple(_common.quick_key({"BLOCK_M": bm, "BLOCK_N": bn}, w, s)
+                 for bm, bn, w, s in _QUICK[(elem, max(64, block_d))])
+
+
 def _triton_version() -> Tuple[int, int]:
     try:
         return tuple(int(p) for p in triton.__version__.split(".")[:2])  # type: ignore[return-value]
@@ -307,7 +342,7 @@ def _prune_configs(configs, named_args, **kwargs):
     # 128-wide chunks) in any dtype, without spills, on triton 3.6 and 3.9 (fp32 D=256: 160 /
     # 128 KiB of shared memory; fp32 D=512: 208 KiB).
     if kept:
-        return kept
+        return _common.select_quick(kept, _quick_configs(elem, block_d))
     if block_d > _MAX_UNSPLIT_HEAD_DIM:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_DV": 128}, num_warps=8, num_stages=2)]
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2)]

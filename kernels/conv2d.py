@@ -180,9 +180,28 @@ def _prune_tiles(configs, m: int, n: int, c: int, elsize: int):
                         * cfg.kwargs["BLOCK_C"])]
 
 
+# GENFUSE_AUTOTUNE=quick (the GPU check): (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) by
+# output channels, in order of preference, each compiled for sm_90 by bench/compile_check.py
+# (--quick) under triton 3.6 and 3.9 without spills in channels-last. Inputs of few channels
+# (RGB, a 4-channel latent) fail every 64-channel step: ``_common.select_quick`` then keeps
+# the first tile ``_prune_tiles`` allows.
+_QUICK = (
+    (128, ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))),   # VAE's 128-512 channels
+    (32, ((128, 64, 64, 4, 4), (64, 64, 64, 4, 4))),
+    (0, ((128, 16, 64, 4, 4), (64, 16, 16, 2, 3))),       # the RGB output conv, tiny tests
+)
+
+
+def _quick_configs(out_channels: int) -> tuple:
+    tiles = next(t for least, t in _QUICK if out_channels >= least)
+    return tuple(_common.quick_key({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "GROUP_M": 8}, w, s)
+                 for bm, bn, bc, w, s in tiles)
+
+
 def _prune(configs, named_args, **kwargs):
     a = named_args
-    return _prune_tiles(configs, a["N"] * a["Ho"] * a["Wo"], a["K"], a["C"], a["x_ptr"].element_size())
+    kept = _prune_tiles(configs, a["N"] * a["Ho"] * a["Wo"], a["K"], a["C"], a["x_ptr"].element_size())
+    return _common.select_quick(kept, _quick_configs(a["K"]))
 
 
 # Tuned per exact problem (batch, spatial size, channels, kernel, stride, upsample): a

@@ -163,11 +163,28 @@ def _configs():
     return cfgs
 
 
+# GENFUSE_AUTOTUNE=quick (the GPU check): (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) by
+# output channels, in order of preference, each compiled for sm_90 by bench/compile_check.py
+# (--quick) under triton 3.6 and 3.9 without spills in channels-last (as conv2d's list).
+_QUICK = (
+    (128, ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))),   # DCGAN's 128-512 channel layers
+    (32, ((128, 64, 64, 4, 4), (64, 64, 32, 4, 5))),
+    (0, ((128, 16, 64, 4, 4), (64, 16, 32, 4, 4))),       # the RGB output layer
+)
+
+
+def _quick_configs(out_channels: int) -> tuple:
+    tiles = next(t for least, t in _QUICK if out_channels >= least)
+    return tuple(_common.quick_key({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc, "GROUP_M": 8}, w, s)
+                 for bm, bn, bc, w, s in tiles)
+
+
 def _prune(configs, named_args, **kwargs):
     """conv2d's rule on one phase's GEMM (pixels x C_out x C_in)."""
     a = {**named_args, **kwargs}  # the constexpr strides arrive as keyword arguments
     m = a["N"] * triton.cdiv(a["Ho"], a["STRIDE_H"]) * triton.cdiv(a["Wo"], a["STRIDE_W"])
-    return _prune_tiles(configs, m, a["CO"], a["CI"], a["x_ptr"].element_size())
+    kept = _prune_tiles(configs, m, a["CO"], a["CI"], a["x_ptr"].element_size())
+    return _common.select_quick(kept, _quick_configs(a["CO"]))
 
 
 # Tuned per exact layer shape: a generator has a handful of distinct layers, each tuned once.

@@ -194,6 +194,23 @@ def _configs():
     ]
 
 
+# GENFUSE_AUTOTUNE=quick (the GPU check): (BLOCK_N, num_warps, num_stages) per element size and
+# head dim class, in order of preference, each compiled for sm_90 by bench/compile_check.py
+# (--quick) without spills under triton 3.6 and 3.9 (fp32 64-key tiles on 4 warps spill there,
+# so fp32 takes them on 8).
+_QUICK = {
+    (2, 128): ((64, 4, 2), (128, 8, 2), (32, 4, 3)),
+    (2, 256): ((32, 8, 2), (64, 8, 2)),
+    (4, 128): ((32, 4, 2), (64, 8, 2)),
+    (4, 256): ((32, 8, 2),),
+}
+
+
+def _quick_configs(elem: int, block_d: int) -> tuple:
+    return tuple(_common.quick_key({"BLOCK_N": n}, w, s)
+                 for n, w, s in _QUICK[(elem, 256 if block_d > 128 else 128)])
+
+
 def _prune(configs, named_args, **kwargs):
     # K and V tiles of every pipeline stage live in shared memory: keep them under ~160 KiB
     # (H100 has 228 KiB per SM) so that at least one program fits, preferably two.
@@ -201,7 +218,7 @@ def _prune(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 256))
     kept = [c for c in configs
             if 2 * c.num_stages * c.kwargs["BLOCK_N"] * block_d * elem <= 160 * 1024]
-    return kept or configs[:1]
+    return _common.select_quick(kept, _quick_configs(elem, block_d)) or configs[:1]
 
 
 _paged_attention_split_tuned = triton.autotune(

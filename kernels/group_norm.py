@@ -210,9 +210,27 @@ _INTERP_BLOCK_C = 16
 _INTERP_TARGET_PROGRAMS = 8  # so that CPU tests also exercise the split path
 
 
+_MAX_BLOCK_S = 2048
+
+
 def _configs() -> List[triton.Config]:
     # BLOCK_S down to 1: for (N, C) inputs or 1x1 maps the tile is all channels.
-    return [triton.Config({"BLOCK_S": 1 << i}, num_warps=nw) for i in range(12) for nw in (4, 8)]
+    return [triton.Config({"BLOCK_S": 1 << i}, num_warps=nw)
+            for i in range(_MAX_BLOCK_S.bit_length()) for nw in (4, 8)]
+
+
+# GENFUSE_AUTOTUNE=quick (the GPU check): (tile elements, num_warps) in order of preference, the
+# middle of the 1K-8K range the pruning keeps. bench/compile_check.py --quick (sm_90, the SD VAE's
+# group shapes): no spills under triton 3.6; under 3.9 4 bytes in one fp32 and one fp16 case.
+# 8 warps on 4096 elements spilled (4-16 bytes) at 4 channels a group under both, so they are
+# out. Small groups keep the first tile the pruning allows.
+_QUICK = ((4096, 4), (2048, 4))
+
+
+def _quick_configs(block_c: int) -> tuple:
+    stages = triton.Config({}).num_stages  # what every config of ``_configs`` gets
+    return tuple(_common.quick_key({"BLOCK_S": elems // block_c}, w, stages)
+                 for elems, w in _QUICK if block_c <= elems <= block_c * _MAX_BLOCK_S)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -224,7 +242,8 @@ def _prune(configs, named_args, **kwargs):
     bs = lambda c: c.kwargs["BLOCK_S"]  # noqa: E731
     fits = [c for c in configs if bs(c) <= s_cap and block_c * bs(c) <= 8192]
     big = [c for c in fits if block_c * bs(c) >= 1024]
-    return big or [c for c in fits if bs(c) == max(bs(f) for f in fits)]
+    kept = big or [c for c in fits if bs(c) == max(bs(f) for f in fits)]
+    return _common.select_quick(kept, _quick_configs(block_c))
 
 
 # The layout decides the coalesced axis, so the key holds the spatial stride (1 for NCHW).

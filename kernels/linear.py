@@ -216,6 +216,35 @@ def _gemm_configs():
     return configs
 
 
+# GENFUSE_AUTOTUNE=quick (the GPU check): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per
+# element size, in order of preference, each compiled for sm_90 by bench/compile_check.py
+# (--quick) without spills under triton 3.6 and 3.9. 128x256x64 on 8 warps, 3 stages is Triton
+# tutorial 03's Hopper pick for 16-bit inputs; the 64-row tiles are what ``_prune_gemm`` leaves
+# for M <= 64 (its tile-vs-problem rule), so every M bucket keeps two or three candidates.
+# fp32 (tf32) tiles move twice the bytes per stage: 128x256x64 does not fit, 32-deep K steps.
+_QUICK_GEMM = {
+    2: ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)),
+    4: ((128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)),
+}
+# The decode kernel: (BLOCK_N, BLOCK_K, num_stages), 4 warps. 16- and 32-wide tiles keep the
+# grid filling the SMs for small N (``_prune_small_m`` keeps the narrowest when none fills);
+# the deeper K tiles keep more weight bytes in flight per program for large N.
+_QUICK_SMALL_M = {
+    2: ((32, 256, 4), (64, 128, 4), (16, 256, 4)),
+    4: ((32, 128, 4), (64, 64, 4), (16, 128, 4)),
+}
+
+
+def _quick_gemm(elem: int) -> tuple:
+    return tuple(_common.quick_key({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, w, s)
+                 for bm, bn, bk, w, s in _QUICK_GEMM[elem])
+
+
+def _quick_small_m(elem: int) -> tuple:
+    return tuple(_common.quick_key({"BLOCK_M": SMALL_M, "BLOCK_N": bn, "BLOCK_K": bk}, 4, s)
+                 for bn, bk, s in _QUICK_SMALL_M[elem])
+
+
 def _prune_gemm(configs, named_args, **kwargs):
     """Drop configs that overflow shared memory or whose tile is far larger than the problem."""
     args = {**named_args, **kwargs}
@@ -232,7 +261,8 @@ def _prune_gemm(configs, named_args, **kwargs):
         if bm > m_cap or bn > n_cap:
             continue
         keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return (_common.select_quick(keep, _quick_gemm(x.element_size()))
+            or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])])
 
 
 def _small_m_configs():
@@ -260,7 +290,7 @@ def _prune_small_m(configs, named_args, **kwargs):
     if not filled:
         narrowest = min(c.kwargs["BLOCK_N"] for c in fits)
         filled = [c for c in fits if c.kwargs["BLOCK_N"] == narrowest]
-    return filled
+    return _common.select_quick(filled, _quick_small_m(x.element_size()))
 
 
 _linear_gemm_tuned = triton.autotune(
