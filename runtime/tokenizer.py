@@ -11,8 +11,8 @@ Two sources:
   when transformers knows it), "llama" ones SentencePiece-style BPE with byte fallback. The BPE
   itself is always the `tokenizers` library's; transformers is not needed at run time.
 
-The chat template renders with jinja2 in an immutable sandbox, with the helpers Hugging Face
-templates expect (``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII).
+The chat template renders with jinja2 in an immutable sandbox whose work is bounded, with the
+helpers Hugging Face templates expect (see `runtime.chat_template`).
 `IncrementalDetokenizer` turns a growing list of ids into text pieces for streaming without
 ever emitting half of a multi-byte character.
 """
@@ -21,9 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from .chat_template import check_messages
+from .chat_template import render as render_template
+from .config import ConfigReader
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -86,30 +89,39 @@ class Tokenizer:
         from .gguf_io import open_gguf
 
         g = open_gguf(path)
-        md = g.metadata
-        tokens = md.get("tokenizer.ggml.tokens")
-        kind = md.get("tokenizer.ggml.model")
+        md, source = g.metadata, str(g.path)
+        # every tokenizer.ggml.* value the builders read, checked for its type first
+        r = ConfigReader(md, source, "GGUF metadata")
+        tokens = r.list("tokenizer.ggml.tokens", str, None, what="strings")
+        kind = r.str("tokenizer.ggml.model", None)
         if not tokens or kind is None:
             raise TokenizerNotFoundError(f"{g.path}: GGUF metadata has no tokenizer (tokenizer.ggml.*)")
-        if kind == "gpt2":
-            backend = _byte_level_bpe(md)
-        elif kind == "llama":
-            backend = _sentencepiece_bpe(md)
-        else:
+        r.list("tokenizer.ggml.token_type", int, None, what="ints")
+        r.list("tokenizer.ggml.scores", (int, float), None, what="numbers")
+        r.list("tokenizer.ggml.merges", str, None, what="strings")
+        r.str("tokenizer.ggml.pre", None)
+        chat_template = r.str("tokenizer.chat_template", None)
+        if kind not in ("gpt2", "llama"):
             raise ValueError(f"{g.path}: GGUF tokenizer model {kind!r} is not supported (gpt2, llama)")
+        try:
+            backend = _byte_level_bpe(md, source) if kind == "gpt2" else _sentencepiece_bpe(md, source)
+        except ValueError:
+            raise
+        except Exception as e:  # tokenizers raises bare Exception / TypeError on a bad vocabulary
+            raise ValueError(f"{g.path}: cannot build the {kind} tokenizer from tokenizer.ggml.* "
+                             f"({type(e).__name__}: {e})") from e
 
         def tok(key):
-            i = md.get(f"tokenizer.ggml.{key}")
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+            i = r.int(f"tokenizer.ggml.{key}", None, lo=0, null_ok=True)
+            return tokens[i] if i is not None and i < len(tokens) else None
 
         bos, eos = tok("bos_token_id"), tok("eos_token_id")
         # A SentencePiece vocabulary without the flag gets BOS, as llama.cpp and transformers do.
-        add_bos = md.get("tokenizer.ggml.add_bos_token", kind == "llama")
-        add_eos = md.get("tokenizer.ggml.add_eos_token", False)
+        add_bos = r.bool("tokenizer.ggml.add_bos_token", kind == "llama")
+        add_eos = r.bool("tokenizer.ggml.add_eos_token", False)
         _set_post_processor(backend, bos if add_bos else None, eos if add_eos else None)
         return cls(backend, bos_token=bos, eos_token=eos, unk_token=tok("unknown_token_id"),
-                   pad_token=tok("padding_token_id"), chat_template=md.get("tokenizer.chat_template"),
-                   source=str(g.path))
+                   pad_token=tok("padding_token_id"), chat_template=chat_template, source=source)
 
     # ------------------------------------------------------------------ ids
 
@@ -141,13 +153,32 @@ class Tokenizer:
         """Token ids of ``text``; with ``add_special_tokens`` the model's BOS/EOS rule applies."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # tokenizers' answer to a lone surrogate: "TextInputSequence must be str"
+            _check_text("text", text)
+            raise
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except TypeError:
+            for i, t in enumerate(texts):
+                _check_text(f"texts[{i}]", t)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        try:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except (TypeError, OverflowError):  # a float, a str, a negative id or one past 2**32
+            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 1 << 32),
+                       None)
+            raise ValueError(f"token ids must be non-negative ints (below 2**32), got {bad!r}") from None
 
     def detokenizer(self, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
@@ -162,22 +193,30 @@ class Tokenizer:
         Renders like transformers' ``apply_chat_template(..., tokenize=False)``: the template sees
         ``messages``, ``tools``, ``documents``, ``add_generation_prompt``, the special tokens as
         strings (``bos_token``, ``eos_token``, ...) and any extra ``kwargs``. The result usually
-        starts with the BOS text itself, so encode it with ``add_special_tokens=False``.
+        starts with the BOS text itself, so encode it with ``add_special_tokens=False``. The
+        messages are checked first and the render's work is bounded (`runtime.chat_template`):
+        either gives a ValueError saying what is wrong.
         """
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError(f"{self.source or 'this tokenizer'} has no chat template "
                              "(none in tokenizer_config.json / chat_template.jinja / GGUF metadata)")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+        messages = check_messages(messages)
         variables = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                        ("unk_token", self.unk_token), ("pad_token", self.pad_token))
                      if v is not None}
         variables.update(kwargs)
-        return _compile_template(template).render(
-            messages=list(messages), tools=tools, documents=documents,
-            add_generation_prompt=add_generation_prompt, **variables)
+        return render_template(template, messages=messages, tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt, **variables)
+
+
+def _check_text(name: str, text: str) -> None:
+    """ValueError if ``text`` holds a lone surrogate (not valid Unicode: it has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} holds a lone surrogate U+{ord(text[e.start]):04X} at index {e.start}, which is "
+                         "not valid Unicode (decode bytes with errors='replace' to get text)") from None
 
 
 class IncrementalDetokenizer:
@@ -222,47 +261,6 @@ class IncrementalDetokenizer:
 
 
 # --------------------------------------------------------------------------- chat template
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_template(template: str):
-    """The template compiled as Hugging Face compiles it (transformers.utils.chat_template_utils)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes HTML characters, which would change the prompt
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    class Generation(jinja2.ext.Extension):
-        # `{% generation %}...{% endgeneration %}` marks assistant text for training masks;
-        # rendering just emits the body.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat template does not parse: {e}") from e
 
 
 def _folder_chat_template(folder: Path, cfg: dict) -> str | None:
@@ -347,12 +345,21 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _merges(md: dict, vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
+def _merges(md: dict, vocab: dict[str, int], scores: dict[str, float] | None = None,
+            source: str = "<gguf>") -> list[tuple[str, str]]:
     """The file's merges, or (SentencePiece files list none) the merges its scores imply:
     every split of a token into two vocabulary pieces, best-scored token first, as
-    transformers' `generate_merges` orders them."""
+    transformers' `generate_merges` orders them. A file's merge that is not two vocabulary
+    tokens separated by a space is a ValueError naming it."""
     if md.get("tokenizer.ggml.merges"):
-        return [tuple(m.split(" ", 1)) for m in md["tokenizer.ggml.merges"]]
+        pairs = []
+        for i, m in enumerate(md["tokenizer.ggml.merges"]):
+            a, _, b = m.partition(" ")
+            if not a or not b or a not in vocab or b not in vocab:
+                why = "is not two tokens separated by a space" if not a or not b else "names a token not in the vocabulary"
+                raise ValueError(f"{source}: tokenizer.ggml.merges[{i}] = {m[:60]!r} {why}")
+            pairs.append((a, b))
+        return pairs
     tokens = md["tokenizer.ggml.tokens"]
     if scores is None:
         scores = dict(zip(tokens, md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)))
@@ -386,7 +393,7 @@ def _added_tokens(backend, md: dict, byte_level: bool) -> None:
         backend.add_tokens(user)
 
 
-def _byte_level_bpe(md: dict):
+def _byte_level_bpe(md: dict, source: str = "<gguf>"):
     from tokenizers import Regex, Tokenizer as Backend, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -397,7 +404,7 @@ def _byte_level_bpe(md: dict):
         # a token written in plain UTF-8 (some files spell added tokens that way) is respelled
         key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
         vocab[key] = i
-    backend = Backend(BPE(vocab=vocab, merges=_merges(md, vocab), dropout=None,
+    backend = Backend(BPE(vocab=vocab, merges=_merges(md, vocab, source=source), dropout=None,
                           continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     split = PRE_TOKENIZER_SPLITS.get(md.get("tokenizer.ggml.pre"))
     if split is None:
@@ -412,14 +419,15 @@ def _byte_level_bpe(md: dict):
     return backend
 
 
-def _sentencepiece_bpe(md: dict):
+def _sentencepiece_bpe(md: dict, source: str = "<gguf>"):
     """SentencePiece BPE as transformers' LlamaTokenizer builds it: "▁" for spaces prepended to
     the first word, byte fallback for characters outside the vocabulary."""
     from tokenizers import Tokenizer as Backend, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
     vocab = {t: i for i, t in enumerate(md["tokenizer.ggml.tokens"])}
-    backend = Backend(BPE(vocab=vocab, merges=_merges(md, vocab), fuse_unk=True, byte_fallback=True, dropout=None))
+    backend = Backend(BPE(vocab=vocab, merges=_merges(md, vocab, source=source), fuse_unk=True, byte_fallback=True,
+                          dropout=None))
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     backend.decoder = decoders.Sequence([

@@ -90,11 +90,16 @@ def test_template_raise_exception_and_sandbox(smollm):
     assert tok.apply_chat_template([{"role": "user", "content": ""}], chat_template=raising) == "ok"
     with pytest.raises(jinja2.TemplateError, match="first must be user"):
         tok.apply_chat_template([{"role": "system", "content": ""}], chat_template=raising)
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(ValueError, match="SecurityError") as e:  # one line for the CLI, the cause kept
         tok.apply_chat_template([], chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    assert isinstance(e.value.__cause__, jinja2.exceptions.SecurityError)
+    with pytest.raises(ValueError, match="first must be user"):
+        tok.apply_chat_template([{"role": "system", "content": ""}], chat_template=raising)
+    with pytest.raises(ValueError, match="TypeError"):
+        tok.apply_chat_template([], chat_template="{{ 'a' - 1 }}")
     with pytest.raises(ValueError, match="parse"):
         tok.apply_chat_template([], chat_template="{% for %}")
-    with pytest.raises(TypeError, match="messages"):
+    with pytest.raises(ValueError, match=r"messages\[0\]"):
         tok.apply_chat_template(["hi"])
 
 
@@ -273,3 +278,95 @@ def test_gguf_without_tokenizer(tmp_path):
                       tokenizer={"model": "none", "tokens": [], "types": []})
     with pytest.raises(TokenizerNotFoundError, match="no tokenizer"):
         Tokenizer.from_gguf(path)
+
+
+# --------------------------------------------------------------------------- bad input (issue 10, items 11 and 12)
+
+
+def test_lone_surrogate_is_a_clear_value_error(smollm):
+    tok, _ = smollm
+    with pytest.raises(ValueError, match=r"text holds a lone surrogate U\+D800 at index 3"):
+        tok.encode("abc\ud800def")
+    with pytest.raises(ValueError, match=r"texts\[1\] holds a lone surrogate U\+DFFF at index 0"):
+        tok.encode_batch(["fine", "\udfff"])
+    with pytest.raises(TypeError, match=r"texts\[0\] must be a str"):
+        tok.encode_batch([b"bytes"])
+    assert tok.encode("abc\U0001F600") == tok.encode("abc😀")  # a real astral character is fine
+
+
+def test_decode_refuses_ids_that_are_not_ids(smollm):
+    tok, _ = smollm
+    for bad in (-1, 2**40, 1.5, "2"):
+        with pytest.raises(ValueError, match=f"token ids must be non-negative ints.*got {bad!r}"):
+            tok.decode([1, bad])
+
+
+def _raw_tokenizer_gguf(path, **kvs):
+    """A GGUF holding only tokenizer metadata (no tensors: Tokenizer.from_gguf reads no weights)."""
+    from gguf_writer_helpers import raw_gguf
+
+    path.write_bytes(raw_gguf([_kv("general.architecture", "llama")] + [_kv(k, v) for k, v in kvs.items()]))
+    return path
+
+
+def _kv(key, value):
+    from gguf_writer_helpers import GGUF_STRING, GGUF_UINT32, gstr, kv, kv_array, kv_str, kv_u32
+
+    if isinstance(value, str):
+        return kv_str(key, value)
+    if isinstance(value, int):
+        return kv_u32(key, value)
+    if all(isinstance(v, str) for v in value):
+        return kv_array(key, GGUF_STRING, len(value), b"".join(map(gstr, value)))
+    return kv_array(key, GGUF_UINT32, len(value), b"".join(v.to_bytes(4, "little") for v in value))
+
+
+def test_malformed_gguf_vocabularies_name_the_key(tmp_path):
+    tokens = ["a", "b", "ab", "<s>"]
+    good = dict(**{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+                   "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.eos_token_id": 3})
+    tok = Tokenizer.from_gguf(_raw_tokenizer_gguf(tmp_path / "good.gguf", **good))
+    assert tok.encode("ab", add_special_tokens=False) == [2] and tok.eos_token == "<s>"
+    cases = {
+        "no_space": ({"tokenizer.ggml.merges": ["ab"]}, "tokenizer.ggml.merges[0] = 'ab' is not two tokens"),
+        "oov": ({"tokenizer.ggml.merges": ["a b", "a zz"]}, "tokenizer.ggml.merges[1] = 'a zz' names a token not"),
+        "int_merges": ({"tokenizer.ggml.merges": [1, 2]}, "tokenizer.ggml.merges[0] = 1 is not one of strings"),
+        "int_tokens": ({"tokenizer.ggml.tokens": [1, 2, 3]}, "tokenizer.ggml.tokens[0] = 1 is not one of strings"),
+        "str_types": ({"tokenizer.ggml.token_type": ["x"] * 4}, "tokenizer.ggml.token_type[0] = 'x'"),
+        "str_eos": ({"tokenizer.ggml.eos_token_id": "two"}, "tokenizer.ggml.eos_token_id = 'two' is not an int"),
+        "int_model": ({"tokenizer.ggml.model": 5}, "tokenizer.ggml.model = 5 is not a string"),
+        "int_template": ({"tokenizer.chat_template": 5}, "tokenizer.chat_template = 5 is not a string"),
+        "kind": ({"tokenizer.ggml.model": "bert"}, "'bert' is not supported"),
+    }
+    for name, (change, needle) in cases.items():
+        f = _raw_tokenizer_gguf(tmp_path / f"{name}.gguf", **{**good, **change})
+        with pytest.raises(ValueError) as e:  # not tokenizers' TypeError / bare Exception
+            Tokenizer.from_gguf(f)
+        assert str(e.value).startswith(str(f) + ":") and needle in str(e.value), (name, str(e.value))
+
+
+@pytest.mark.parametrize("messages,needle", [
+    ([{"role": "user"}], r"messages\[0\] \(user\) has no 'content'"),
+    ([{"role": "user", "content": "hi"}, {"content": "x"}], r"messages\[1\] has no 'role'"),
+    ([{"role": 1, "content": "x"}], r"messages\[0\]\['role'\] must be a string, got int"),
+    ([{"role": "user", "content": 5}], r"messages\[0\]\['content'\] must be a string"),
+    ([{"role": "user", "content": [1, 2]}], r"messages\[0\]\['content'\] must be a string"),
+    ([{"role": "user", "content": None}], r"messages\[0\] \(user\) has no 'content'"),
+    ([("user", "hi")], r"messages\[0\] must be a dict"),
+    ("hello", "messages must be a list"),
+    ({"role": "user", "content": "hi"}, "messages must be a list"),
+])
+def test_chat_messages_are_validated_first(smollm, messages, needle):
+    """Before: jinja's UndefinedError (or a template rendering 'None') from inside the template."""
+    tok, _ = smollm
+    with pytest.raises(ValueError, match=needle):
+        tok.apply_chat_template(messages)
+
+
+def test_chat_messages_that_are_valid(smollm):
+    tok, _ = smollm
+    tool_call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    template = "{% for m in messages %}{{ m['role'] }}:{{ m.content if m.content is string else '-' }};{% endfor %}"
+    parts = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    got = tok.apply_chat_template([{"role": "user", "content": "a"}, tool_call, parts], chat_template=template)
+    assert got == "user:a;assistant:-;user:-;"
