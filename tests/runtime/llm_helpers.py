@@ -74,11 +74,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def tiny_chat_folder(folder: os.PathLike, *, max_positions: int = 256) -> Path:
+def tiny_chat_folder(folder: os.PathLike, *, max_positions: int = 256, tied: bool = True) -> Path:
     """A random-weight tiny Llama with a character-level tokenizer (printable ASCII and a
     newline, one token each, decoded by plain concatenation) and a ChatML template, so text
     prompts, `chat` and the CLI run on it in milliseconds a token. No EOS id anywhere: replies
-    always run to max_tokens. Vocabulary 288, ids 0..2 <unk> / <|im_start|> / <|im_end|>."""
+    always run to max_tokens. Vocabulary 288, ids 0..2 <unk> / <|im_start|> / <|im_end|>.
+    ``tied=False``: a separate output head, so an embedding row can be broken on its own."""
     import json
 
     import transformers
@@ -88,7 +89,7 @@ def tiny_chat_folder(folder: os.PathLike, *, max_positions: int = 256) -> Path:
     folder = Path(folder)
     cfg = transformers.LlamaConfig(
         vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=max_positions,
+        num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=max_positions,
         rope_theta=10000.0, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(1234)
     model = transformers.LlamaForCausalLM(cfg)
