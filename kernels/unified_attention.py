@@ -230,6 +230,32 @@ def _configs(block_ms=None):
     ]
 
 
+# GENFUSE_AUTOTUNE=quick (the GPU check): (BLOCK_M, BLOCK_N, num_warps, num_stages) per element
+# size, head dim class and query tile (host rows <= 32, host rows 64, prefill where BLOCK_M is
+# tuned), in order of preference; none spilled in the sm_90 compile check under triton 3.6 or
+# 3.9 (see the module docstring; BLOCK_M None = the host's).
+_QUICK = {
+    (2, 128, "rows16"): ((None, 64, 4, 3), (None, 32, 4, 2)),
+    (2, 128, "rows64"): ((None, 32, 8, 2), (None, 64, 8, 3), (None, 16, 4, 2)),
+    (2, 128, "prefill"): ((64, 32, 8, 3), (128, 16, 8, 2), (128, 64, 8, 3)),
+    (2, 256, "rows16"): ((None, 32, 4, 3), (None, 32, 4, 2)),
+    (2, 256, "rows64"): ((None, 32, 8, 2), (None, 32, 8, 3)),
+    (2, 256, "prefill"): ((128, 16, 8, 3), (64, 32, 8, 3)),
+    (4, 128, "rows16"): ((None, 32, 4, 2),),
+    (4, 128, "rows64"): ((None, 32, 8, 3), (None, 16, 4, 2)),
+    (4, 128, "prefill"): ((64, 32, 4, 3), (64, 32, 8, 3)),
+    (4, 256, "rows16"): ((None, 16, 4, 3), (None, 16, 4, 2)),
+    (4, 256, "rows64"): ((None, 16, 8, 2),),
+    (4, 256, "prefill"): ((64, 16, 8, 2),),
+}
+
+
+def _quick_configs(elem: int, block_d: int, host_block_m) -> tuple:
+    rows = "prefill" if host_block_m is None else ("rows16" if host_block_m <= 32 else "rows64")
+    return tuple(_common.quick_key({"BLOCK_N": n, **({} if m is None else {"BLOCK_M": m})}, w, s)
+                 for m, n, w, s in _QUICK[(min(elem, 4), 256 if block_d > 128 else 128, rows)])
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop configs that cannot fit or would spill (limits read off sm_90 cubins for
     attention.py's kernel, whose tiles and two key loops this kernel shares):
@@ -259,7 +285,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         kept.append(c)
     if kept:
-        return kept
+        return _common.select_quick(kept, _quick_configs(elem, block_d, kwargs.get("BLOCK_M")))
     # 64 rows x 16 keys on 8 warps fits every head dim <= 256 in any dtype.
     fallback = {"BLOCK_N": 16} if "BLOCK_M" in kwargs else {"BLOCK_M": 64, "BLOCK_N": 16}
     return [triton.Config(fallback, num_warps=8, num_stages=2)]

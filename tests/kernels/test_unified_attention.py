@@ -306,3 +306,19 @@ def test_validate_false_skips_only_the_data_checks(device):
     # ... but shapes and dtypes still are.
     with pytest.raises(ValueError, match="query_start_loc has 2 entries"):
         unified_attention(*args[:5], args[5][:2], validate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("host_block_m", [16, 64, None], ids=["rows16", "rows64", "prefill"])
+def test_quick_autotune_configs_pass_the_full_pruning(monkeypatch, dtype, head_dim, host_block_m):
+    # GENFUSE_AUTOTUNE=quick times a short list; every member must be a config the full mode
+    # keeps for that shape class, so the quick mode never runs a tile the rules refuse.
+    kw = {"BLOCK_D": head_dim, **({} if host_block_m is None else {"BLOCK_M": host_block_m})}
+    space = ua._configs((64, 128)) if host_block_m is None else ua._configs()
+    named = {"Q": torch.empty(0, dtype=dtype)}
+    full = {ua._common.config_key(c) for c in ua._prune(space, named, **kw)}
+    quick = ua._quick_configs(named["Q"].element_size(), head_dim, host_block_m)
+    assert quick and set(quick) <= full
+    monkeypatch.setattr(ua._common, "AUTOTUNE", "quick")
+    assert [ua._common.config_key(c) for c in ua._prune(space, named, **kw)] == list(quick)
