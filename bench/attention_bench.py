@@ -39,6 +39,14 @@ _FULL = [
     (4, 16, 4, 4096, 128, True),     # GQA 4:1
     (1, 1, 1, 4096, 512, False),     # SD 1.5 VAE mid-block (one head, D = 512 split over programs)
 ]
+# The GPU check's headline cases (bench/gpu_check.sh): sequence 4k, head dims 64 and 128,
+# causal and not, against SDPA.
+HEADLINE = [
+    (4, 16, 16, 4096, 64, False),
+    (4, 16, 16, 4096, 64, True),
+    (4, 16, 16, 4096, 128, False),
+    (4, 16, 16, 4096, 128, True),
+]
 # (B, Hq, Hkv, T, S, D, causal): tiny, includes T != S (bottom-right mask) and GQA
 _SMOKE = [
     (1, 2, 2, 40, 40, 32, False),
@@ -76,8 +84,10 @@ def _runs(fn: Callable[[], object]) -> bool:
 
 
 def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
-    shapes = ([(b, hq, hkv, t, t, d, c) for b, hq, hkv, t, d, c in _FULL] if size == "full"
-              else _SMOKE)
+    if size not in ("full", "headline", "smoke"):
+        raise ValueError(f"size must be 'full', 'headline' or 'smoke', got {size!r}")
+    shapes = (_SMOKE if size == "smoke" else
+              [(b, hq, hkv, t, t, d, c) for b, hq, hkv, t, d, c in (_FULL if size == "full" else HEADLINE)])
     try:
         from flash_attn import flash_attn_func
     except ImportError:

@@ -27,6 +27,8 @@ from genfuse.kernels.decode_attention import paged_attention, paged_attention_re
 from . import harness
 
 KERNEL = "decode_attention"
+# (batch, context) of the GPU check's headline cases (bench/gpu_check.sh), page size 16
+HEADLINE = [(8, 8192), (8, 32768)]
 
 
 def _paged_inputs(device, dtype, B, Hq, Hkv, D, seq_lens, block_size, Tq, gen):
@@ -125,8 +127,10 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[harness.Case]:
                 meta={"seq_lens": seq_lens, "block_size": bs, "Tq": Tq},
             ))
         return out
+    if size == "headline":  # the GPU check (bench/gpu_check.sh): contexts 8k and 32k, batch 8
+        return [_case(device, dtype, B, L, 16, gen=gen) for B, L in HEADLINE]
     if size != "full":
-        raise ValueError(f"size must be 'full' or 'smoke', got {size!r}")
+        raise ValueError(f"size must be 'full', 'headline' or 'smoke', got {size!r}")
     out = [_case(device, dtype, B, L, 16, gen=gen)
            for B in (1, 8, 32) for L in (4096, 8192, 16384, 32768)]
     out.append(_case(device, dtype, 8, 16384, 256, gen=gen))  # flash-attn 2's page size

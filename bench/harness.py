@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -206,5 +207,9 @@ def format_table(results: List[Dict[str, Any]]) -> str:
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
-    with open(path, "w") as f:
+    """Write ``payload`` to ``path`` atomically (a temporary file renamed over it): a run killed
+    while writing leaves the previous complete file, never a truncated one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=1, default=float)
+    os.replace(tmp, path)

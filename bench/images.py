@@ -246,7 +246,7 @@ def bench_dcgan(args, device: str, dtype: torch.dtype, timer, accelerate=None) -
     folded = fold_batchnorm_torch(gen).to(device, dtype).to(memory_format=cl)
     fast = accelerate(gen).to(device, dtype)
     eager = copy.deepcopy(gen).to(device, dtype).to(memory_format=cl)
-    compiled = compile_module(eager, args)
+    compiled = None if getattr(args, "no_compile", False) else compile_module(eager, args)
     eager_names = ["torch eager channels-last", "torch eager channels-last, BN folded"]
     results = []
     for batch in args.batch_list:
@@ -254,7 +254,9 @@ def bench_dcgan(args, device: str, dtype: torch.dtype, timer, accelerate=None) -
         zcl = z.contiguous(memory_format=cl)
         reference, flops = reference_and_flops(ref64, z.double())
         impls = {"genfuse": lambda z=z: fast(z), eager_names[0]: lambda z=zcl: eager(z),
-                 eager_names[1]: lambda z=zcl: folded(z), COMPILE: lambda z=zcl: compiled(z)}
+                 eager_names[1]: lambda z=zcl: folded(z)}
+        if compiled is not None:
+            impls[COMPILE] = lambda z=zcl: compiled(z)
         print(f"[dcgan] batch {batch}", file=sys.stderr, flush=True)
         r = {"model": "dcgan-faces", "case": f"batch {batch}", "batch": batch, "weights": weights,
              "flops": flops, "tolerance": args.tol,
@@ -316,7 +318,7 @@ def bench_vae(args, device: str, dtype: torch.dtype, timer, accelerate=None) -> 
     vae = vae.to(device, dtype)
     cl = torch.channels_last
     vae_cl = copy.deepcopy(vae).to(memory_format=cl)
-    compiled = compile_module(_Decode(vae), args)
+    compiled = None if getattr(args, "no_compile", False) else compile_module(_Decode(vae), args)
     z = torch.randn(1, cfg["latent_channels"], size, size, device=device, dtype=dtype)
     zcl = z.contiguous(memory_format=cl)
     reference, flops = reference_and_flops(lambda x: ref64.decode(x).sample, z.double())
@@ -329,7 +331,9 @@ def bench_vae(args, device: str, dtype: torch.dtype, timer, accelerate=None) -> 
 
     eager_names = ["diffusers eager", "diffusers eager channels-last"]
     impls = {"genfuse": run_genfuse, eager_names[0]: lambda: vae.decode(z).sample,
-             eager_names[1]: lambda: vae_cl.decode(zcl).sample, COMPILE: lambda: compiled(z)}
+             eager_names[1]: lambda: vae_cl.decode(zcl).sample}
+    if compiled is not None:
+        impls[COMPILE] = lambda: compiled(z)
     r = {**case, "flops": flops, **measure(impls, reference, args.tol, timer, items=1, flops=flops)}
     if state["notes"]:
         r["genfuse_warnings"] = state["notes"]
@@ -380,6 +384,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         f"(default per dtype: {TOLERANCES})")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode of the baseline (default: torch's default mode)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile baseline (its compile time does not fit the GPU check)")
     p.add_argument("--device", default=None, help="torch device (default cuda; cpu only with --smoke)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny random models and batches: checks the code path (CPU allowed), no numbers to quote")
@@ -439,9 +445,11 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None,
         print(f"MISMATCH: outputs disagree with the float64 reference beyond {args.tol:g} in: "
               + "; ".join(mismatched), file=sys.stderr)
     if args.json:
+        compile_mode = ("not run (--no-compile)" if getattr(args, "no_compile", False)
+                        else args.compile_mode or "default")
         harness.write_json(args.json, {"benchmark": "images", "device": info, "torch_device": device,
                                        "dtype": args.dtype, "smoke": args.smoke, "tolerance": args.tol,
-                                       "compile_mode": args.compile_mode or "default",
+                                       "compile_mode": compile_mode,
                                        "reference_ceilings": harness.REFERENCE_CEILINGS, "results": results})
         print(f"wrote {args.json}", file=sys.stderr)
     return 1 if mismatched else 0

@@ -15,6 +15,10 @@ Three groups (size "full", GPU):
   each decode call rotates through enough identical weight copies (>= 256 MB in all) that
   every call streams its weight from HBM.
 
+Size "headline" (the GPU check, bench/gpu_check.sh): M=N=K=4096 plain and with the epilogue,
+and one decode shape (M=1, N=K=4096) plain and with the epilogue, without the torch.compile
+baselines (their compile time does not fit the check).
+
 Size "smoke": tiny CPU shapes through both kernels, with and without the epilogue.
 """
 from __future__ import annotations
@@ -31,6 +35,9 @@ from .harness import Case
 
 _TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 _ROTATE_BYTES = 256 * 2**20  # > 5x the H100's L2
+# (M, N, K) of the GPU check's headline cases (bench/gpu_check.sh)
+HEADLINE_LARGE = [(4096, 4096, 4096)]
+HEADLINE_DECODE = [(1, 4096, 4096)]
 
 
 def _unfused(x, w, b, r):
@@ -49,12 +56,16 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
     if size == "full":
         large = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096), (8192, 14336, 4096)]
         decode = [(m, n, k) for m in (1, 8, 16) for n, k in ((4096, 4096), (14336, 4096), (4096, 14336))]
-    else:
+    elif size == "headline":
+        large, decode = HEADLINE_LARGE, HEADLINE_DECODE
+    elif size == "smoke":
         large = [(40, 48, 64)]          # > 16 rows: the tiled GEMM
         decode = [(3, 40, 72)]          # <= 16 rows: the decode kernel
+    else:
+        raise ValueError(f"size must be 'full', 'headline' or 'smoke', got {size!r}")
     # torch.compile only on CUDA (slow to build on CPU, and not what we measure there);
     # dynamic=False: one specialised graph per shape, as a user with fixed shapes would get.
-    compiled = torch.compile(_unfused, dynamic=False) if device == "cuda" else None
+    compiled = torch.compile(_unfused, dynamic=False) if device == "cuda" and size == "full" else None
     e = torch.empty((), dtype=dtype).element_size()
     tol = _TOL[dtype]
     name = str(dtype).replace("torch.", "")
@@ -96,10 +107,15 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
     if size != "full":  # the decode kernel with the full epilogue, on CPU as well
         m, n, k = decode[0]
         x, w, b, r = _inputs(m, n, k, device, dtype)
+        # on the GPU as the plain decode case: rotated weight copies, inside a CUDA graph
+        copies = max(1, -(-_ROTATE_BYTES // (n * k * e))) if device == "cuda" else 1
+        ws = [w] + [w.clone() for _ in range(copies - 1)]
+        g_it, t_it = itertools.cycle(ws), itertools.cycle(ws)
         out.append(Case(
             "linear", f"decode M{m} N{n} K{k} +bias gelu_tanh +res",
-            genfuse=lambda: linear(x, w, b, activation="gelu_tanh", residual=r),
-            baselines={"torch unfused": lambda: _unfused(x, w, b, r)},
-            flops=0.0, bytes=(n * k + m * k + n + 2 * m * n) * e, check_tol=tol,
-            meta={"M": m, "N": n, "K": k, "dtype": name, "epilogue": "bias+gelu_tanh+residual"}))
+            genfuse=lambda it=g_it: linear(x, next(it), b, activation="gelu_tanh", residual=r),
+            baselines={"torch unfused": lambda it=t_it: _unfused(x, next(it), b, r)},
+            flops=0.0, bytes=(n * k + m * k + n + 2 * m * n) * e, cuda_graph=device == "cuda", check_tol=tol,
+            meta={"M": m, "N": n, "K": k, "dtype": name, "epilogue": "bias+gelu_tanh+residual",
+                  "weight_copies": copies}))
     return out

@@ -4,7 +4,8 @@ Memory-bound: ``bytes`` counts x (+ residual) read, weight/bias read, y (+ h) wr
 Full shapes move 64 MB to 1 GB per call, past the H100's 50 MB L2 (and do_bench flushes L2
 between repetitions anyway). Baselines are what a user writes: ``F.rms_norm`` /
 ``F.layer_norm``, preceded by the add when there is a residual, and the same composite
-under ``torch.compile`` on CUDA.
+under ``torch.compile`` on CUDA. Size "headline" (the GPU check, bench/gpu_check.sh): RMSNorm
+alone and with the residual at two of the full shapes, without the torch.compile baselines.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from genfuse.kernels import norm
 from .harness import Case
 
 _TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+HEADLINE_SHAPES = [(4096, 4096), (16384, 8192)]  # (M, N), the GPU check's (bench/gpu_check.sh)
 
 
 def _rms(x, w, eps):
@@ -44,10 +46,14 @@ def _ln_add(x, r, w, b, eps):
 def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
     if size == "full":
         shapes = [(4096, 4096), (16384, 8192), (32768, 576)]
-    else:
+    elif size == "headline":
+        shapes = HEADLINE_SHAPES
+    elif size == "smoke":
         shapes = [(5, 64), (3, 100)]
+    else:
+        raise ValueError(f"size must be 'full', 'headline' or 'smoke', got {size!r}")
     compiled = {}
-    if device == "cuda":  # no torch.compile baseline on CPU (slow to build, not what we measure)
+    if device == "cuda" and size == "full":  # no torch.compile baseline on CPU (slow to build, not measured)
         compiled = {f.__name__: torch.compile(f, dynamic=False) for f in (_rms, _rms_add, _ln, _ln_add)}
 
     out: List[Case] = []
@@ -71,6 +77,8 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[Case]:
             {"torch": lambda x=x, w=w: _rms(x, w, 1e-6)}, "_rms", (x, w, 1e-6), 2, 1)
         add("rms_norm+residual", lambda x=x, r=r, w=w: norm.rms_norm(x, w, 1e-6, residual=r),
             {"torch": lambda x=x, r=r, w=w: _rms_add(x, r, w, 1e-6)}, "_rms_add", (x, r, w, 1e-6), 4, 1)
+        if size == "headline":
+            continue
         add("layer_norm", lambda x=x, w=w, b=b: norm.layer_norm(x, w, b, 1e-5),
             {"torch": lambda x=x, w=w, b=b: _ln(x, w, b, 1e-5)}, "_ln", (x, w, b, 1e-5), 2, 2)
         add("layer_norm+residual",

@@ -148,3 +148,12 @@ def test_vae_case_says_why_genfuse_cannot_decode(tmp_path, capsys):
     assert r["not_available"] == "genfuse.accelerate returned a Identity without .decode()"
     assert "vae-decode 1x4x8x8 -> 16x16 genfuse: not available: genfuse.accelerate returned" in capsys.readouterr().out
     assert r["impls"][images.EAGER_BEST]["ms"] > 0 and r["speedup"] == {}
+
+
+def test_no_compile_leaves_the_torch_compile_baseline_out(tmp_path):
+    # the GPU check's headline DCGAN run: its compile time does not fit the check
+    rc, report = smoke(tmp_path, "--only", "dcgan", "--batches", "1", "--no-compile")
+    assert rc == 0
+    [r] = report["results"]
+    assert images.COMPILE not in r["impls"] and set(r["speedup"]) == {images.EAGER_BEST}
+    assert report["compile_mode"] == "not run (--no-compile)"
