@@ -474,7 +474,10 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
     """Sequences grouped by query length, each group one batched computation: a decode-only
     step is one group (as ``paged_attention_reference``), a mixed step one group for the
     decodes plus one per distinct chunk length. Within a group the sequences' first
-    ``max(L)`` cache slots are gathered and the bottom-right causal mask is explicit."""
+    ``max(L)`` cache slots are gathered and the bottom-right causal mask is explicit. The
+    work is laid out KV-head-major, ``(Hkv, Bg, ...)``: one ``index_select`` of the pool seen
+    as ``(Hkv, num_blocks, block_size, D)`` gathers K (and V) contiguous in that order, so
+    both matmuls read them in place (no per-head copies, no hidden transposes)."""
     N, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -486,7 +489,7 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
     q_lens = (starts[1:] - starts[:-1]).tolist()  # the reference may sync the host
     lens_all = seq_lens.long()
     lens_host = lens_all.tolist()
-    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
+    k_heads, v_heads = k_cache.permute(2, 0, 1, 3), v_cache.permute(2, 0, 1, 3)  # (Hkv, blocks, bs, D)
     groups = {}
     for b, tq in enumerate(q_lens):
         if tq > 0:
@@ -496,35 +499,35 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
         idx = torch.tensor(members, device=q.device)
         lens = lens_all[idx]  # (Bg,)
         L = max(lens_host[b] for b in members)
+        ragged = min(lens_host[b] for b in members) < L
         n_blocks = -(-L // block_size)
         blocks = block_table[idx, :n_blocks].long()  # (Bg, n_blocks)
-        if min(lens_host[b] for b in members) <= (n_blocks - 1) * block_size:
+        if ragged:
             # A shorter sequence: its entries past its end may be garbage; never gather them.
             in_use = torch.arange(n_blocks, device=q.device) * block_size < lens[:, None]
             blocks = blocks.where(in_use, 0)
-        # Gathered head-major, (Bg, Hkv, L, D) contiguous rows: both matmuls then take K and V
-        # as they are (a (Bg, L, Hkv, D) gather costs a hidden copy per matmul).
-        k = k_cache.permute(2, 0, 1, 3)[heads, blocks[:, None]].view(Bg, Hkv, n_blocks * block_size, D)
-        v = v_cache.permute(2, 0, 1, 3)[heads, blocks[:, None]].view(Bg, Hkv, n_blocks * block_size, D)
-        k, v = k[:, :, :L].to(compute), v[:, :, :L].to(compute)
+        k = k_heads.index_select(1, blocks.flatten()).view(Hkv, Bg, n_blocks * block_size, D)
+        v = v_heads.index_select(1, blocks.flatten()).view(Hkv, Bg, n_blocks * block_size, D)
+        k, v = k[:, :, :L].to(compute), v[:, :, :L].to(compute)  # (Hkv, Bg, L, D)
         rows = (starts[idx][:, None] + torch.arange(tq, device=q.device)).reshape(-1)  # (Bg * tq,)
         qg = q.index_select(0, rows).to(compute).view(Bg, tq, Hkv, G, D)
-        qg = qg.permute(0, 2, 3, 1, 4).reshape(Bg, Hkv, G * tq, D)  # query head h = kv * G + g
-        scores = (qg @ k.transpose(-1, -2)).mul_(scale)  # (Bg, Hkv, G * tq, L)
-        ragged = min(lens_host[b] for b in members) < L
+        qg = qg.permute(2, 0, 3, 1, 4).reshape(Hkv, Bg, G * tq, D)  # query head h = kv * G + g
+        scores = (qg @ k.transpose(-1, -2)).mul_(scale)  # (Hkv, Bg, G * tq, L)
         if ragged:
             # Slots past a shorter sequence's end were never written (NaN in a fresh pool):
             # its softmax weight there is 0, but 0 * NaN is NaN, so zero those values.
             past_end = torch.arange(L, device=q.device) >= lens[:, None]  # (Bg, L)
-            v.masked_fill_(past_end[:, None, :, None], 0.0)  # v is the gather's own copy
+            v.masked_fill_(past_end[None, :, :, None], 0.0)  # v is the gather's own copy
         if tq > 1 or ragged:  # else every key is visible
             t = torch.arange(tq, device=q.device).view(1, tq, 1)
             j = torch.arange(L, device=q.device).view(1, 1, L)
             hidden = j > lens.view(Bg, 1, 1) - tq + t  # (Bg, tq, L)
-            scores.view(Bg, Hkv, G, tq, L).masked_fill_(hidden[:, None, None], float("-inf"))
-        o = torch.softmax(scores, dim=-1) @ v  # (Bg, Hkv, G * tq, D)
-        o = o.view(Bg, Hkv, G, tq, D).permute(0, 3, 1, 2, 4).reshape(Bg * tq, Hq, D)
-        out.index_copy_(0, rows, o.to(q.dtype))
+            scores.view(Hkv, Bg, G, tq, L).masked_fill_(hidden[None, :, None], float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ v  # (Hkv, Bg, G * tq, D)
+        o = o.view(Hkv, Bg, G, tq, D).permute(1, 3, 0, 2, 4).reshape(Bg * tq, Hq, D).to(q.dtype)
+        if Bg * tq == N:  # one group holds every row, in order (query_start_loc is monotone)
+            return o
+        out.index_copy_(0, rows, o)
     return out
 
 
