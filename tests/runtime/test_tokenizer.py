@@ -310,7 +310,7 @@ def _raw_tokenizer_gguf(path, **kvs):
 
 
 def _kv(key, value):
-    from gguf_writer_helpers import GGUF_STRING, GGUF_UINT32, gstr, kv, kv_array, kv_str, kv_u32
+    from gguf_writer_helpers import GGUF_STRING, GGUF_UINT32, gstr, kv_array, kv_str, kv_u32
 
     if isinstance(value, str):
         return kv_str(key, value)
