@@ -10,12 +10,12 @@ from genfuse.runtime.accelerate import accelerate  # noqa: E402
 
 __all__ = ["__version__", "kernels", "accelerate"]
 
-__all__ += ["LLM", "SamplingParams", "Completion"]
+__all__ += ["LLM", "SamplingParams", "Completion", "Engine", "AsyncEngine", "EngineArgs", "RequestOutput"]
 
 
 def __getattr__(name):
     # the generation API, loaded on first use (tokenizer, weight loaders): `import genfuse` stays cheap
-    if name in ("LLM", "SamplingParams", "Completion"):
+    if name in ("LLM", "SamplingParams", "Completion", "Engine", "AsyncEngine", "EngineArgs", "RequestOutput"):
         from genfuse import runtime
 
         return getattr(runtime, name)

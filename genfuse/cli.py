@@ -184,6 +184,20 @@ def _add_llm_parsers(sub) -> None:
         p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                        help="kernel backend (default auto: Triton on CUDA or under TRITON_INTERPRET=1, "
                             "else the torch reference ops)")
+        g = p.add_argument_group("engine", "the serving engine's batching and KV cache (genfuse.EngineArgs)")
+        g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+        g.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool")
+        g.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                       help="KV pool size in bytes (default: 90%% of free GPU memory; 1 GiB on CPU)")
+        g.add_argument("--max-model-len", type=int, default=None,
+                       help="most tokens (prompt + output) per request (default: the model's context, "
+                            "at most the pool)")
+        g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="tokens per engine step (default 2048 on CUDA, 512 on CPU)")
+        g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="do not share the KV of equal prompt prefixes")
+        g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                       help="run each prompt in one step")
 
     p = sub.add_parser("generate", help="stream a completion of a prompt (tokens/s on stderr)",
                        description="Generate from a prompt with an LLM on genfuse kernels, streaming the "
@@ -212,10 +226,28 @@ def _sampling_params(args):
         args._llm_parser.error(str(e))
 
 
+ENGINE_FLAGS = ("block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_batched_tokens")
+
+
+def _engine_args(args) -> dict:
+    """EngineArgs from the flags (only those given); bad values are usage errors (exit 2)."""
+    from genfuse.runtime.engine import EngineArgs
+
+    kw = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    kw["enable_prefix_caching"] = args.enable_prefix_caching
+    kw["enable_chunked_prefill"] = args.enable_chunked_prefill
+    try:
+        EngineArgs(**kw)
+    except ValueError as e:
+        args._llm_parser.error(str(e))
+    return kw
+
+
 def _load_llm(args):
     from genfuse.runtime.llm import LLM
 
-    return LLM(args.model, device=args.device, backend=None if args.backend == "auto" else args.backend)
+    return LLM(args.model, device=args.device, backend=None if args.backend == "auto" else args.backend,
+               **_engine_args(args))
 
 
 def _stream_reply(llm, prompt, params) -> tuple[str, bool]:
@@ -223,7 +255,10 @@ def _stream_reply(llm, prompt, params) -> tuple[str, bool]:
     import time
 
     t0, text = time.perf_counter(), []
-    pieces = llm.stream(prompt, params)
+    # a single request: too long for the model is an error here, not a silent cut at max_model_len
+    ids = prompt if isinstance(prompt, list) else llm.engine.encode_prompt(prompt)
+    llm.engine.check_length(len(ids), params.max_tokens)
+    pieces = llm.stream(ids, params)
     try:
         for piece in pieces:
             text.append(piece)
@@ -335,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     generate_bench.build_parser(p_bg)
     p_bg.set_defaults(func=lambda args: generate_bench.main(args=args))
+    from genfuse.bench import engine_bench
+
+    p_be = bench_sub.add_parser("engine", help="the serving engine: throughput, prefix caching, host overhead",
+                                description=engine_bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine_bench.build_parser(p_be)
+    p_be.set_defaults(func=lambda args: engine_bench.main(args=args))
     _add_image_parser(sub)
     _add_llm_parsers(sub)
     return parser

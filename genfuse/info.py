@@ -41,7 +41,24 @@ def collect() -> Dict[str, Any]:
         facts["backend"] = ("torch reference ops on CPU (no CUDA device; "
                             "TRITON_INTERPRET=1 runs the Triton kernels through the interpreter)")
     facts["gpu"] = nvml_info()
+    facts["kv_cache_cpu"] = _kv_cache_cpu()
     return facts
+
+
+def _kv_cache_cpu() -> Dict[str, Any]:
+    """The engine's default CPU KV pool, and what it holds for the default model (if installed)."""
+    from genfuse.runtime.engine.engine import CPU_KV_CACHE_MEMORY, kv_cache_summary
+
+    out: Dict[str, Any] = {"kv_cache_memory": CPU_KV_CACHE_MEMORY}
+    try:
+        from genfuse.runtime.config import load_config
+        from genfuse.runtime.registry import DEFAULT_MODEL, resolve
+
+        summary = kv_cache_summary(load_config(resolve(DEFAULT_MODEL).path), torch.float32)
+        out.update(model=DEFAULT_MODEL, tokens=summary["tokens"], bytes_per_token=summary["bytes_per_token"])
+    except Exception as exc:  # the default model's package may not be installed
+        out["model_error"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def format_text(facts: Dict[str, Any]) -> str:
@@ -64,4 +81,12 @@ def format_text(facts: Dict[str, Any]) -> str:
         f"numpy     {facts['numpy']}",
         f"backend   {facts['backend']}",
         f"gpu       {gpu_line}",
+        f"kv cache  {_kv_line(facts['kv_cache_cpu'])}",
     ])
+
+
+def _kv_line(kv: Dict[str, Any]) -> str:
+    line = f"CPU default {kv['kv_cache_memory'] / 2**30:.1f} GiB (LLM/Engine kv_cache_memory, num_kv_blocks)"
+    if "tokens" in kv:
+        line += f": {kv['tokens']} tokens of {kv['model']} in fp32 ({kv['bytes_per_token']} B a token)"
+    return line

@@ -6,12 +6,14 @@
         print(piece, end="", flush=True)
     c = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=64))
 
-The loop: each prompt is prefilled on its own (its own cache row, positions from 0: no padding,
-no masks), then the batch decodes together, one token per sequence per step, each at its own
-position. The host syncs once per step, to hand the new tokens out (stop checks, streaming).
-A sequence that has finished keeps its slot until the batch ends; its tokens are discarded.
-On CUDA the decode step is replayed from a CUDA graph per batch-size bucket
-(`runtime.cuda_graphs`): the batch is padded to the bucket and the padded rows' logits dropped.
+The loop is the serving engine's (`runtime.engine.Engine`, docs/architecture.md): every prompt
+becomes a request; the engine batches them continuously over its paged KV cache (prefix
+caching, chunked prefill, preemption when the cache is full), so any number of prompts runs in
+bounded memory, and each completion comes back in input order. ``LLM(..., **engine_args)``
+passes `EngineArgs` through (``block_size``, ``num_kv_blocks``/``kv_cache_memory``,
+``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``enable_prefix_caching``,
+``enable_chunked_prefill``). A request runs to ``max_tokens`` or to ``max_model_len`` (then
+"length").
 
 Ending: EOS ids (the config's and the tokenizer's, unless ``ignore_eos``) and ``stop_token_ids``
 end a sequence with finish_reason "stop"; the id is in ``token_ids`` but not in ``text``. A stop
@@ -32,13 +34,15 @@ shared); `generate`, `chat` and `stream` from several threads wait for each othe
 holds the LLM from its first piece until it is exhausted, closed or garbage-collected; calling
 the LLM from the thread that holds an open stream raises RuntimeError (waiting would deadlock).
 
-Memory: the KV cache a request needs is checked against the device's free memory before it is
-allocated (`runtime.resources`), so ``max_tokens=10**9`` on a model claiming a huge context
-fails with a ValueError naming the cache instead of attempting terabytes.
+Memory: the engine's KV pool is sized once (EngineArgs) and checked against the device's free
+memory before it is allocated (`runtime.resources`); ``max_model_len`` never exceeds the pool, so
+``max_tokens=10**9`` on a model claiming a huge context ends with "length" at the pool's size
+instead of attempting terabytes.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import numbers
 import os
 import threading
@@ -47,18 +51,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from genfuse.kernels._common import resolve_backend
+from tqdm.auto import tqdm
 
-from .config import load_config
-from .cuda_graphs import DecodeRunner
-from .gpt2 import GPT2
-from .llama import BLOCK_SIZE, Llama
-from .quant import can_pack
-from .registry import DEFAULT_MODEL, resolve
-from .resources import check_memory, resolve_device
-from .sampling import SamplingParams, sample
-from .tokenizer import Tokenizer, TokenizerNotFoundError
-from .weights import load_weights
+from .engine import Engine, RequestOutput
+from .loader import load_model
+from .registry import DEFAULT_MODEL
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -74,40 +73,6 @@ class Completion:
     error: str | None = None  # with finish_reason "error": what went wrong
 
 
-class _Seq:
-    """Host-side state of one sequence in a batch."""
-
-    def __init__(self, prompt_ids: list[int], detok, stops: tuple[str, ...]):
-        self.prompt_ids = prompt_ids
-        self.token_ids: list[int] = []
-        self.detok = detok
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1  # chars a stop could still claim
-        self.text = ""
-        self.emitted = 0  # chars of text already handed out by stream
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.t_first = self.t_end = 0.0
-
-    def add_text(self, piece: str) -> None:
-        """Append decoded text; finish with "stop" at the first stop string, cutting it off."""
-        if not piece:
-            return
-        start = max(0, len(self.text) - self.hold)  # a stop may straddle the old/new boundary
-        self.text += piece
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-            self.finish_reason = "stop"
-
-    def ready_text(self) -> str:
-        """Text that can be shown now: all of it once finished, else minus a possible stop prefix."""
-        end = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self.hold)
-        piece = self.text[self.emitted:end]
-        self.emitted = end
-        return piece
-
-
 class LLM:
     """A language model on genfuse kernels with its tokenizer.
 
@@ -115,7 +80,7 @@ class LLM:
     folder or a ``.gguf`` file. ``device``: default CUDA when available, else CPU. ``dtype``:
     default bfloat16 on CUDA, float32 on CPU. ``backend``: the kernels' backend (None picks
     Triton on CUDA / under TRITON_INTERPRET, torch otherwise; "torch" forces the references).
-    ``cuda_graphs``: replay decode steps from CUDA graphs (`runtime.cuda_graphs`); None turns
+    ``cuda_graphs``: replay decode steps from CUDA graphs (`runtime.engine.cuda_graphs`, decode-only steps); None turns
     them on for CUDA with the Triton kernels, False turns them off, True insists (an error
     elsewhere). ``self.runner`` runs the decode steps. ``keep_quantized``: for a GGUF file,
     keep its Q4_0 / Q4_1 / Q8_0 matrices in their blocks and multiply with genfuse's C++ CPU
@@ -127,50 +92,61 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, backend: str | None = None, cuda_graphs: bool | None = None,
-                 keep_quantized: bool | None = None):
-        resolved = resolve(model)
-        self.name = resolved.name
-        self.device = resolve_device(device)
-        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.config = load_config(resolved.path)
-        packable = can_pack(self.device, self.dtype, resolve_backend(backend, torch.empty(0, device=self.device)))
-        if keep_quantized and not packable:
-            raise ValueError("keep_quantized=True needs the CPU, float32 and the torch ops (backend='torch', "
-                             f"or None without TRITON_INTERPRET); got {self.device}, {self.dtype}, backend={backend!r}")
-        self.keep_quantized = packable if keep_quantized is None else keep_quantized
-        sd = load_weights(resolved.path, self.config, dtype=self.dtype, device=self.device,
-                          packed=self.keep_quantized)
-        family = GPT2 if self.config.arch == "gpt2" else Llama
-        self.model = family.from_state_dict(self.config, sd, backend=backend)
-        del sd
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and backend != "torch"
-        self.runner = DecodeRunner(self.model, graphs=bool(cuda_graphs))
-        try:
-            self.tokenizer: Tokenizer | None = Tokenizer.load(resolved.path)
-        except TokenizerNotFoundError:
-            self.tokenizer = None  # token-id prompts still work
-        eos = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+                 keep_quantized: bool | None = None, **engine_args):
+        loaded = load_model(model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized)
+        self.engine = Engine(loaded, cuda_graphs=cuda_graphs, **engine_args)
+        self.runner = self.engine.runner
+        self.name, self.device, self.dtype = loaded.name, loaded.device, loaded.dtype
+        self.config, self.model = loaded.config, loaded.model
+        self.keep_quantized = loaded.keep_quantized
+        self.eos_token_ids = loaded.eos_token_ids
         self.last_completion: Completion | None = None  # set by `stream` when it ends
         self._lock = _RequestLock()
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer (None for a GGUF without one: prompts are then token ids)."""
+        return self.engine.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok: Tokenizer | None) -> None:
+        self.engine.tokenizer = tok
 
     # ------------------------------------------------------------------ public API
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-                 params: SamplingParams | None = None) -> list[Completion]:
-        """Complete each prompt (a str or a list of token ids) as one batch; one Completion each.
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool | None = None) -> list[Completion]:
+        """Complete each prompt (a str or a list of token ids); one Completion each, in order.
 
-        A prompt whose logits turn non-finite ends with finish_reason "error" (see ``error``)."""
-        params = _check_params(params)
+        ``params``: one `SamplingParams` for all, or one per prompt. ``use_tqdm``: a progress bar
+        (default: on for more than one prompt, as vLLM). A prompt whose logits turn non-finite
+        ends with finish_reason "error" (see ``error``); the others go on."""
         batch = self._encode_prompts(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(batch):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
+            per = [_check_params(p) for p in params]
+        else:
+            per = [_check_params(params)] * len(batch)
         with self._lock.hold("generate"):
-            seqs = None
-            for seqs in self._run(batch, params):
-                pass
-        return [self._completion(s) for s in seqs]
+            t0 = time.perf_counter()
+            rids = self._add(batch, per)
+            done: dict[str, Completion] = {}
+            bar = tqdm(total=len(batch), desc="generate", unit="prompt",
+                       disable=not (use_tqdm if use_tqdm is not None else len(batch) > 1))
+            try:
+                index = {rid: i for i, rid in enumerate(rids)}
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            done[out.request_id] = _completion(out, t0, f"prompt {index[out.request_id]}")
+                            bar.update(1)
+            finally:
+                bar.close()
+                self._abort_rest(rids, done)
+        return [done[r] for r in rids]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as tokens are decoded.
@@ -198,17 +174,43 @@ class LLM:
 
     def _stream(self, batch: list[list[int]], params: SamplingParams) -> Iterator[str]:
         with self._lock.hold("stream"):
-            run = self._run(batch, params)
+            t0 = time.perf_counter()
+            [rid] = self._add(batch, [params])
+            done: dict[str, Completion] = {}
             try:
-                for seqs in run:
-                    piece = seqs[0].ready_text()
-                    if piece:
-                        yield piece
-            finally:
-                run.close()  # a stream closed or dropped mid-way ends its loop before the lock goes
-            self.last_completion = c = self._completion(seqs[0])
+                while rid not in done:
+                    for out in self.engine.step():
+                        if out.new_text:
+                            yield out.new_text
+                        if out.finished:
+                            done[rid] = _completion(out, t0, "the prompt")
+            finally:  # a stream closed or dropped mid-way frees its request before the lock goes
+                self._abort_rest([rid], done)
+            self.last_completion = c = done[rid]
         if c.finish_reason == "error":
             raise RuntimeError(c.error)
+
+    def _add(self, batch: list[list[int]], params: list[SamplingParams]) -> list[str]:
+        """Hand the prompts to the engine; on a refusal, take back the ones already added."""
+        rids = []
+        try:
+            for i, (ids, p) in enumerate(zip(batch, params)):
+                rid = f"{next(self._ids)}"
+                try:
+                    self.engine.add_request(rid, ids, p)
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") if len(batch) > 1 else e from None
+                rids.append(rid)
+        except BaseException:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
+        return rids
+
+    def _abort_rest(self, rids: list[str], done: dict) -> None:
+        for rid in rids:
+            if rid not in done:
+                self.engine.abort(rid)
 
     def _need_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
@@ -265,95 +267,16 @@ class LLM:
             ids.append(int(t))
         return ids
 
-    def _check_cache_memory(self, batch: int, max_len: int, penalize: bool) -> None:
-        """ValueError when the KV cache (plus rotary tables and penalty ids) for this request would
-        not fit in the device's free memory; checked before anything is allocated."""
-        c = self.config
-        if max_len > c.max_position_embeddings:
-            return  # the model's setup_cache refuses it, naming max_position_embeddings
-        rows = self.runner.cache_rows(batch)
-        cache = getattr(self.model, "cache", None)
-        need = batch * max_len * 8 if penalize else 0  # the (B, width) int64 seen-ids tensor
-        freed = 0
-        if cache is None or cache.max_batch < rows or cache.max_len < max_len:
-            # the layout of runtime.llama.KVCache: K and V per layer, max_len rounded up to blocks
-            padded = -(-max_len // BLOCK_SIZE) * BLOCK_SIZE
-            itemsize = torch.empty(0, dtype=self.dtype).element_size()
-            need += 2 * c.num_layers * rows * padded * c.num_kv_heads * c.head_dim * itemsize
-            if c.arch == "llama":
-                need += 2 * padded * (c.head_dim // 2) * 4  # fp32 cos/sin tables
-            if cache is not None:  # setup_cache frees the old cache first
-                freed = cache.k.nbytes + cache.v.nbytes
-        check_memory(f"the KV cache for {batch} sequence(s) of up to {max_len} tokens (prompt + max_tokens)",
-                     need, self.device, freed=freed, hint="lower max_tokens or the number of prompts")
 
-    def _run(self, batch: list[list[int]], params: SamplingParams) -> Iterator[list[_Seq]]:
-        """The generation loop; yields the sequences after every step (streaming reads them)."""
-        t0 = time.perf_counter()
-        B, dev, model = len(batch), self.device, self.model
-        penalize = params.repetition_penalty != 1.0
-        max_len = max(len(p) for p in batch) + params.max_tokens
-        self._check_cache_memory(B, max_len, penalize)
-        self.runner.setup_cache(B, max_len)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        seqs = [_Seq(p, self.tokenizer.detokenizer(skip_special_tokens=True) if self.tokenizer else None,
-                     params.stop) for p in batch]
-        # one generator per sequence: a seed belongs to its request, whatever it is batched with
-        generators = None if params.seed is None else [params.make_generator(dev) for _ in batch]
-        if penalize:  # prompt + output ids, -1 padded: the repetition penalty's "seen" set
-            prev = torch.full((B, max_len), -1, dtype=torch.int64, device=dev)
-            for b, p in enumerate(batch):
-                prev[b, :len(p)] = torch.tensor(p)
-            prev_len = [len(p) for p in batch]
-
-        logits = torch.cat([model.prefill(torch.tensor(p, device=dev), row=b) for b, p in enumerate(batch)])
-        positions = torch.tensor([len(p) for p in batch], device=dev)  # where each next token goes
-        for step in range(params.max_tokens):
-            tokens = sample(logits, params, generators, prev if penalize else None)  # (B,)
-            # -1 marks a row whose logits are not finite (sampling them would give token 0 forever);
-            # computed on the device so that it crosses with the tokens, in the same sync
-            flagged = torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)
-            host = flagged.tolist()  # the one sync per step: hand the tokens out
-            now = time.perf_counter()
-            for b, (s, t) in enumerate(zip(seqs, host)):
-                if s.finish_reason:
-                    continue
-                if step == 0:
-                    s.t_first = now - t0
-                if t < 0:
-                    s.finish_reason = "error"
-                    s.error = (f"prompt {b}: the model's logits turned non-finite (NaN or inf) at output token "
-                               f"{step}; generation of this prompt stopped (broken weights or config?)")
-                    s.t_end = now - t0
-                    continue
-                s.token_ids.append(t)
-                if penalize:
-                    prev[b, prev_len[b]] = t
-                    prev_len[b] += 1
-                if t in stop_ids:
-                    s.finish_reason = "stop"
-                    if s.detok is not None:  # text held back for an incomplete character
-                        s.add_text(s.detok.flush())
-                elif s.detok is not None:
-                    s.add_text(s.detok.push(t))
-                if not s.finish_reason and step == params.max_tokens - 1:
-                    if s.detok is not None:
-                        s.add_text(s.detok.flush())
-                    if not s.finish_reason:
-                        s.finish_reason = "length"
-                if s.finish_reason:
-                    s.t_end = now - t0
-            yield seqs
-            if all(s.finish_reason for s in seqs):
-                return
-            logits = self.runner.decode(tokens, positions)  # (B, vocab)
-            positions += 1
-
-    def _completion(self, s: _Seq) -> Completion:
-        n = len(s.token_ids)
-        return Completion(text=s.text, token_ids=list(s.token_ids), finish_reason=s.finish_reason or "length",
-                          ttft_s=s.t_first, tokens_per_s=n / s.t_end if s.t_end > 0 else 0.0,
-                          prompt_token_ids=list(s.prompt_ids), error=s.error)
+def _completion(out: RequestOutput, t0: float, name: str) -> Completion:
+    """A finished request's `Completion`; times from the call's start ``t0``; ``name`` for errors."""
+    m = out.metrics
+    end = m["now"] - t0
+    return Completion(text=out.text, token_ids=list(out.token_ids), finish_reason=out.finish_reason,
+                      ttft_s=(m["first_token"] - t0) if m["first_token"] is not None else end,
+                      tokens_per_s=len(out.token_ids) / end if end > 0 else 0.0,
+                      prompt_token_ids=list(out.prompt_token_ids),
+                      error=f"{name}: {out.error}" if out.error else None)
 
 
 def _check_params(params) -> SamplingParams:

@@ -12,16 +12,12 @@ import torch
 from genfuse.kernels._common import resolve_backend
 
 from .config import ModelConfig, load_config
-from .gpt2 import GPT2
-from .llama import Llama
+from .models import FAMILIES
 from .quant import can_pack
 from .registry import DEFAULT_MODEL, resolve
+from .resources import resolve_device
 from .tokenizer import Tokenizer, TokenizerNotFoundError
 from .weights import load_weights
-
-# arch -> the family class; each class has from_state_dict, setup_rope and forward_step.
-FAMILIES = {"llama": Llama, "gpt2": GPT2}
-
 
 @dataclass
 class LoadedModel:
@@ -36,29 +32,11 @@ class LoadedModel:
     keep_quantized: bool
 
 
-def parse_device(device) -> torch.device:
-    """A usable torch device, or a one-line ValueError saying why not."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this torch build has no CUDA or no GPU is visible")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: genfuse runs on 'cpu' or 'cuda', not {dev.type!r}")
-    return dev
-
-
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: torch.dtype | None = None,
                backend: str | None = None, keep_quantized: bool | None = None) -> LoadedModel:
     """See `LLM` for the arguments; returns the loaded model and its tokenizer."""
     resolved = resolve(model)
-    dev = parse_device(device)
+    dev = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -85,7 +85,7 @@ def test_bad_sampling_flags_are_usage_errors(capsys, folder, flags, message):
 
 def test_too_many_tokens_is_one_line(capsys, folder):
     assert main(["generate", "hi", "--model", str(folder), "--max-tokens", str(10**9), *FLAGS]) == 1
-    assert "max_position_embeddings=32768" in _one_line_error(capsys.readouterr().err, "generate")
+    assert "exceed max_model_len=32768" in _one_line_error(capsys.readouterr().err, "generate")
 
 
 def test_a_model_that_turns_nan_fails_with_one_line(capsys, folder, tmp_path):

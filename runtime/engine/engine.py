@@ -31,7 +31,9 @@ import torch
 
 from ..loader import LoadedModel, load_model
 from ..registry import DEFAULT_MODEL
+from ..resources import check_memory
 from ..sampling import SamplingParams, sample
+from .cuda_graphs import StepRunner
 from .kv_cache import KVCacheManager, kv_bytes_per_block
 from .scheduler import Request, Scheduler
 
@@ -156,13 +158,15 @@ class Engine:
     """The synchronous engine core: `add_request`, `step`, `abort`, `has_unfinished_requests`.
 
     ``model``: a registry name, a Hugging Face folder, a ``.gguf`` file, or a `LoadedModel`.
-    ``device``/``dtype``/``backend``/``keep_quantized`` as in `LLM`; the rest are
-    `EngineArgs`. Not thread-safe: one thread drives it (`AsyncEngine` does for asyncio).
+    ``device``/``dtype``/``backend``/``keep_quantized`` as in `LLM`; ``cuda_graphs``: replay
+    decode-only steps from CUDA graphs (`engine.cuda_graphs`; None: on for CUDA with the Triton
+    kernels); the rest are `EngineArgs`. Not thread-safe: one thread drives it (`AsyncEngine` does for asyncio).
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = DEFAULT_MODEL, *, device=None,
                  dtype: torch.dtype | None = None, backend: str | None = None,
-                 keep_quantized: bool | None = None, block_manager_cls=None, **engine_args):
+                 keep_quantized: bool | None = None, cuda_graphs: bool | None = None, block_manager_cls=None,
+                 **engine_args):
         unknown = set(engine_args) - set(EngineArgs.names())
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))} "
@@ -188,7 +192,8 @@ class Engine:
         max_slots = 2**31 // args.block_size
         if num_blocks > max_slots:
             raise ValueError(f"num_kv_blocks={num_blocks} x block_size={args.block_size} exceeds 2**31 slots")
-        _check_memory(self.device, num_blocks * per_block)
+        check_memory(f"the KV cache ({num_blocks} blocks of {args.block_size} tokens)", num_blocks * per_block,
+                     self.device, hint="lower num_kv_blocks / kv_cache_memory")
         capacity = num_blocks * args.block_size
         max_len = args.max_model_len
         limit = min(c.max_position_embeddings, capacity)
@@ -208,6 +213,10 @@ class Engine:
                                  num_blocks=num_blocks, block_size=args.block_size, dtype=lm.dtype,
                                  device=self.device, enable_prefix_caching=args.enable_prefix_caching,
                                  block_manager_cls=block_manager_cls)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and lm.backend != "torch"
+        self.runner = StepRunner(self.model, self.kv.k, self.kv.v, max_num_seqs=args.max_num_seqs,
+                                 max_blocks_per_seq=-(-max_len // args.block_size), graphs=bool(cuda_graphs))
         self.last_step: StepTiming | None = None
         self.scheduler = Scheduler(self.kv.block_manager, max_num_seqs=args.max_num_seqs,
                                    max_num_batched_tokens=batched, max_model_len=max_len,
@@ -247,6 +256,14 @@ class Engine:
         if not ids:
             raise ValueError(f"{what} is empty (no tokens)")
         return ids
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError, with the numbers, when prompt + max_tokens exceed ``max_model_len``
+        (`add_request` itself cuts such a request at max_model_len with "length", as vLLM's LLM;
+        front ends that would rather refuse it, the CLI and the server, call this first)."""
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt's {num_prompt_tokens} tokens + max_tokens={max_tokens} = "
+                             f"{num_prompt_tokens + max_tokens} exceed max_model_len={self.max_model_len}")
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     params: SamplingParams | None = None) -> None:
@@ -288,7 +305,7 @@ class Engine:
         inp = self.kv.prepare(out)
         t1 = time.perf_counter()
         try:
-            logits = self.model.forward_step(inp, self.kv.k, self.kv.v)  # (S, vocab)
+            logits = self.runner.run(inp, out.is_decode_only)  # (S, vocab)
         except Exception:
             # Blocks of this step were registered for prefix hits but may not hold their K/V.
             self._reset_after_failure()
@@ -315,8 +332,9 @@ class Engine:
             reason = None
             if t < 0:
                 r.output_token_ids.pop()
-                reason, st.error = "error", (f"request {r.request_id!r}: the model's logits are not finite "
-                                             f"at token {r.num_tokens} (NaN/inf in the weights or activations)")
+                reason, st.error = "error", (f"the model's logits turned non-finite (NaN or inf) at output "
+                                             f"token {len(r.output_token_ids)}; generation of this request "
+                                             "stopped (broken weights or config?)")
             elif t in st.stop_ids:
                 reason = "stop"
                 if st.detok is not None:
@@ -362,20 +380,6 @@ class Engine:
             r.status = type(r.status).WAITING
             sched.waiting.appendleft(r)
         sched.running.clear()
-
-
-def _check_memory(device: torch.device, nbytes: int) -> None:
-    """Refuse, before allocating, a KV pool larger than the memory there is."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-            return
-    if nbytes > free:
-        raise ValueError(f"the KV cache needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of "
-                         f"{device.type} memory is free; lower num_kv_blocks / kv_cache_memory")
 
 
 def kv_cache_summary(config, dtype: torch.dtype, block_size: int = 16, memory: int = CPU_KV_CACHE_MEMORY) -> dict:

@@ -63,10 +63,11 @@ class KVCacheManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device, self.dtype = device, dtype
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        # zeros, not empty: a padded block-table entry points at block 0, which the kernels
-        # mask by length but which must never hold NaN bits that a 0 * NaN could leak.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty, not zeros: the kernels read only slots below each sequence's length, which were
+        # written first (tests fill the pools with NaN to hold them to it), and on CPU untouched
+        # pages of a large pool cost no memory.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
     @property
     def capacity_tokens(self) -> int:

@@ -19,6 +19,7 @@ from genfuse.runtime.sampling import SamplingParams
 from gguf_writer_helpers import tiny_gpt2, tiny_llama_gqa, write_model_gguf
 
 import transformers
+from engine_helpers import prompt_logits
 gguf = pytest.importorskip("gguf", reason="gguf is in the test extra; the GPU image lacks it unless its wheel is carried (bench/gpu_check.sh)")
 T = gguf.GGMLQuantizationType
 
@@ -99,8 +100,7 @@ def _last_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     """genfuse's last-position logits over ``ids`` (a prefill of at most 32 rows: packed
     weights go through the C++ matmul, not the dequantize-then-GEMM path of long prompts)."""
     assert len(ids) <= 32
-    llm.model.setup_cache(1, len(ids))
-    return llm.model.prefill(torch.tensor(ids), row=0)[0]
+    return prompt_logits(llm, ids)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

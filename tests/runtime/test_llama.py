@@ -1,4 +1,4 @@
-"""runtime/llama.py (and runtime/gpt2.py) against transformers: the shipped SmolLM2 GGUF (greedy tokens, logits) and
+"""runtime/models/llama.py (and runtime/models/gpt2.py) against transformers: the shipped SmolLM2 GGUF (greedy tokens, logits) and
 random-weight Llama-family folders (greedy tokens), on the torch references and, for a tiny
 Llama, on genfuse's Triton kernels through the interpreter."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 from genfuse.runtime.llm import LLM
 from genfuse.runtime.sampling import SamplingParams
+from engine_helpers import prompt_logits
 from llm_helpers import (
     hf_greedy,
     one_thread,
@@ -52,8 +53,7 @@ def smollm():
 def test_smollm_last_logits_match_transformers(smollm, chat):
     llm, hf = smollm
     ids = llm.chat_prompt(CHATS[chat])
-    llm.model.setup_cache(1, len(ids))
-    got = llm.model.prefill(torch.tensor(ids), row=0)[0]  # (vocab,)
+    got = prompt_logits(llm, ids)  # (vocab,)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0, -1].float()
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
@@ -77,7 +77,7 @@ def test_smollm_greedy_tokens_match_transformers(smollm):
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "smol", "mistral", "gpt2"])
 def test_tiny_greedy_tokens_match_transformers(tmp_path, kind):
     """llama: GQA, untied, Llama-3 rope scaling; qwen2: q/k/v bias; smol: tied; mistral;
-    gpt2 (runtime/gpt2.py): learned positions, LayerNorm, gelu_tanh, Conv1D weights."""
+    gpt2 (runtime/models/gpt2.py): learned positions, LayerNorm, gelu_tanh, Conv1D weights."""
     hf, folder = tiny_folder(kind, tmp_path / kind)
     llm = LLM(folder, device="cpu", backend="torch")
     assert llm.tokenizer is None  # save_pretrained of a bare model writes no tokenizer
@@ -87,8 +87,7 @@ def test_tiny_greedy_tokens_match_transformers(tmp_path, kind):
         assert c.token_ids == hf_greedy(hf, p, 24)
         with torch.no_grad():
             ref = hf(torch.tensor([p])).logits[0, -1]
-        llm.model.setup_cache(1, len(p))
-        torch.testing.assert_close(llm.model.prefill(torch.tensor(p), row=0)[0], ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(prompt_logits(llm, p), ref, rtol=1e-5, atol=1e-4)
 
 
 _TRITON_SCRIPT = textwrap.dedent("""

@@ -114,8 +114,11 @@ def test_token_id_prompts_without_tokenizer(tmp_path):
         llm.generate("hello", SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[1, 10**6]], SamplingParams(max_tokens=4))
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        llm.generate([1, 2, 3], SamplingParams(max_tokens=10**5))
+    # past the context (max_model_len = max_position_embeddings = 256): "length" at the end of it
+    [c] = llm.generate([1, 2, 3], SamplingParams(max_tokens=10**5, temperature=0, ignore_eos=True))
+    assert c.finish_reason == "length" and len(c.token_ids) == 256 - 3
+    with pytest.raises(ValueError, match="max_model_len=256"):
+        llm.generate([[1] * 256])
 
 
 def test_hf_folder_with_tokenizer_and_shards(llm, tmp_path):

@@ -215,12 +215,15 @@ def test_integer_like_ids_still_work(llm):
 # --------------------------------------------------------------------------- item 7: memory
 
 
-def test_a_cache_too_big_for_memory_is_refused_before_allocating(folder, tmp_path):
-    """A config claiming a huge context (2**24 tokens, the most config.json may claim) lets a
-    huge max_tokens past the position limit; the KV cache of 1024 such prompts (8 TiB here) is
-    refused by name before anything is allocated (before: torch tried, and failed with
-    RuntimeError or pushed the machine into swap)."""
+def test_a_cache_too_big_for_memory_is_refused_before_allocating(folder, tmp_path, monkeypatch):
+    """A config claiming a huge context (2**24 tokens, the most config.json may claim) and a
+    KV pool asked for beyond the machine's memory: refused by name before anything is allocated
+    (before: torch tried, and failed with RuntimeError or pushed the machine into swap). With
+    the default pool, max_model_len is the pool's size, not the claimed context, so a huge
+    max_tokens ends with "length" there instead of allocating more."""
     import shutil
+
+    from genfuse.runtime.engine import engine as engine_mod
 
     big = tmp_path / "big"
     shutil.copytree(folder, big)
@@ -228,31 +231,17 @@ def test_a_cache_too_big_for_memory_is_refused_before_allocating(folder, tmp_pat
     cfg["max_position_embeddings"] = 2**24
     cfg.pop("rope_scaling", None)  # llama3 scaling's original context stays as it is; plain rotary
     (big / "config.json").write_text(json.dumps(cfg))
-    llm = LLM(big, device="cpu", backend="torch")
-    with pytest.raises(ValueError, match=r"the KV cache for 1024 sequence\(s\) of up to 16777216 tokens "
-                                         r"\(prompt \+ max_tokens\) needs 8\.0 TiB but only .* is available on cpu"):
-        llm.generate([[1, 2, 3]] * 1024, SamplingParams(max_tokens=2**24 - 3, temperature=0))
-    assert llm.model.cache is None  # nothing was allocated
-    assert len(llm.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].token_ids) == 4
-
-
-def test_memory_check_counts_the_cache_it_replaces(monkeypatch, folder):
-    """The check sees what setup_cache will allocate (K and V, rotary tables, the penalty's
-    id table), minus the cache it frees first; a request that fits the current cache needs
-    nothing new."""
-    from genfuse.runtime import llm as llm_mod
-
-    llm = LLM(folder, device="cpu", backend="torch")
-    llm.generate([1, 2, 3], SamplingParams(max_tokens=20, temperature=0))  # 23 tokens: a 32-position cache
-    seen = []
-    monkeypatch.setattr(llm_mod, "check_memory", lambda what, n, dev, *, freed=0, hint="": seen.append((n, freed)))
-    llm.generate([1, 2, 3], SamplingParams(max_tokens=5, temperature=0))
-    llm.generate([1, 2, 3], SamplingParams(max_tokens=5, repetition_penalty=1.2))
-    assert seen == [(0, 0), (8 * 8, 0)]  # fits: only the (1, 8) int64 seen-ids table is new
-    llm.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=60, temperature=0))  # 63 tokens: 64 positions
-    c = llm.config
-    kv_per_position = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # K and V, fp32
-    assert seen[2] == (2 * 64 * kv_per_position + 2 * 64 * (c.head_dim // 2) * 4, 32 * kv_per_position)
+    allocated = []
+    monkeypatch.setattr(engine_mod, "KVCacheManager", lambda **kw: allocated.append(kw))
+    with pytest.raises(ValueError, match=r"the KV cache \(67108864 blocks of 16 tokens\) needs 512\.0 GiB "
+                                         r"but only .* is available on cpu"):
+        LLM(big, device="cpu", backend="torch", num_kv_blocks=2**26)
+    assert allocated == []  # nothing was allocated
+    monkeypatch.undo()
+    llm = LLM(big, device="cpu", backend="torch", num_kv_blocks=4, block_size=4)
+    assert llm.engine.max_model_len == 16
+    [c] = llm.generate([1, 2, 3], SamplingParams(max_tokens=2**24 - 3, temperature=0, ignore_eos=True))
+    assert c.finish_reason == "length" and len(c.token_ids) == 13
 
 
 # --------------------------------------------------------------------------- item 11: devices

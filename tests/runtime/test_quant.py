@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from genfuse import _C
+from engine_helpers import prompt_logits
 
 TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
 
@@ -204,8 +205,8 @@ def test_smollm_packed_and_dequantized_agree():
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     with one_thread(), torch.inference_mode():
         assert packed_llm.generate([ids], params)[0].token_ids == dense.generate([ids], params)[0].token_ids
-        a = packed_llm.model.prefill(torch.tensor(ids), row=0)[0].double()
-        b = dense.model.prefill(torch.tensor(ids), row=0)[0].double()
+        a = prompt_logits(packed_llm, ids).double()
+        b = prompt_logits(dense, ids).double()
     assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 

@@ -15,14 +15,9 @@ Fusions, built once at load (`Llama.from_state_dict`):
   (``rms_norm(mlp_out, w, residual=h)`` returns the normed input *and* the new residual stream
   in one pass; the last layer's goes into the final norm).
 
-KV cache (`KVCache`): preallocated per layer in the paged layout the decode kernel reads,
-``(num_blocks, block_size, Hkv, D)``, with trivial block tables: sequence ``b`` owns the
-contiguous blocks ``b * blocks_per_seq ...``, so its cache is also a plain ``(max_len, Hkv, D)``
-slab that prefill writes with one slice assignment. (The serving engine brings real paging.)
-
-`prefill` (one sequence, causal `attention` over its prompt) and `decode_one_token` (a batch of
-sequences, one new token each at their own positions, `paged_attention` over the cache) are
-split so that each can be captured or compiled on its own.
+The model holds weights only, no request state: the engine (`runtime.engine`) owns the paged
+KV pools and passes them to `forward_step`, one step over a flat batch of prefill chunks and
+decode tokens (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -30,8 +25,6 @@ from dataclasses import dataclass
 
 import torch
 from genfuse.kernels import (
-    attention,
-    paged_attention,
     rms_norm,
     rope_cos_sin,
     rotary_embedding,
@@ -40,16 +33,12 @@ from genfuse.kernels import (
     write_kv_cache,
 )
 
-from .config import ModelConfig
-from .quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
+from ..config import ModelConfig
+from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     cat_rows,
     embedding,
     linear,
 )
-
-# Tokens per cache block. Only the decode kernel's gather sees it; 16 is vLLM's default page.
-BLOCK_SIZE = 16
-
 
 # --------------------------------------------------------------------------- rotary tables
 
@@ -76,46 +65,6 @@ def rope_tables(config: ModelConfig, max_positions: int, device, rope_freqs: tor
     pos = torch.arange(max_positions, device=device, dtype=torch.float32)
     angles = torch.outer(pos, inv_freq)  # (P, D/2)
     return angles.cos(), angles.sin()
-
-
-# --------------------------------------------------------------------------- KV cache
-
-
-class KVCache:
-    """Preallocated K/V for ``max_batch`` sequences of up to ``max_len`` tokens, every layer.
-
-    ``k[l]`` / ``v[l]``: ``(num_blocks, BLOCK_SIZE, Hkv, D)``; ``block_table`` ``(max_batch,
-    blocks_per_seq)`` int32 maps sequence b's logical block j to physical block
-    ``b * blocks_per_seq + j``.
-    """
-
-    def __init__(self, config: ModelConfig, max_batch: int, max_len: int, *, dtype, device):
-        self.max_batch = max_batch
-        self.blocks_per_seq = -(-max_len // BLOCK_SIZE)
-        self.max_len = self.blocks_per_seq * BLOCK_SIZE
-        num_blocks = max_batch * self.blocks_per_seq
-        shape = (config.num_layers, num_blocks, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.block_table = torch.arange(num_blocks, dtype=torch.int32, device=device).view(
-            max_batch, self.blocks_per_seq)
-        self.rows = torch.arange(max_batch, device=device)  # decode scatter index, allocated once
-
-    def slab(self, cache: torch.Tensor) -> torch.Tensor:
-        """One layer's cache as ``(max_batch, max_len, Hkv, D)`` (a view: blocks are contiguous)."""
-        return cache.view(self.max_batch, self.max_len, *cache.shape[-2:])
-
-    def write_prefill(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v ``(1, Hkv, T, D)`` -> positions ``0..T-1`` of sequence ``row``."""
-        T = k.shape[2]
-        self.slab(self.k[layer])[row, :T] = k[0].transpose(0, 1)  # (T, Hkv, D)
-        self.slab(self.v[layer])[row, :T] = v[0].transpose(0, 1)
-
-    def write_decode(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v ``(B, Hkv, 1, D)`` -> position ``positions[b]`` of sequence b, for b < B."""
-        rows = self.rows[:k.shape[0]]
-        self.slab(self.k[layer])[rows, positions] = k[:, :, 0]  # (B, Hkv, D)
-        self.slab(self.v[layer])[rows, positions] = v[:, :, 0]
 
 
 # --------------------------------------------------------------------------- the model
@@ -148,8 +97,7 @@ class Llama:
         self.rope_freqs = rope_freqs
         self.backend = backend  # passed to every kernel: None | "triton" | "torch"
         self.device, self.dtype = embed.device, embed.dtype
-        self.cos = self.sin = None
-        self.cache: KVCache | None = None
+        self.cos = self.sin = None  # rotary tables, built by setup_rope
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor], *,
@@ -178,78 +126,6 @@ class Llama:
         lm_head = embed if config.tie_word_embeddings else sd["lm_head.weight"]
         return cls(config, embed, layers, sd["model.norm.weight"], lm_head, sd.get("model.rope_freqs"),
                    backend=backend)
-
-    # ------------------------------------------------------------------ cache
-
-    def setup_cache(self, max_batch: int, max_len: int) -> KVCache:
-        """(Re)allocate the KV cache and rotary tables unless the current ones are big enough."""
-        c = self.config
-        if max_len > c.max_position_embeddings:
-            raise ValueError(f"{max_len} tokens (prompt + max_tokens) exceed the model's "
-                             f"max_position_embeddings={c.max_position_embeddings}")
-        if self.cache is None or self.cache.max_batch < max_batch or self.cache.max_len < max_len:
-            self.cache = None  # free the old one first
-            self.cache = KVCache(c, max_batch, max_len, dtype=self.dtype, device=self.device)
-            n = min(self.cache.max_len, c.max_position_embeddings)
-            self.cos, self.sin = rope_tables(c, n, self.device, self.rope_freqs)
-        return self.cache
-
-    # ------------------------------------------------------------------ forward
-
-    def _attention(self, i: int, lw: LayerWeights, x: torch.Tensor, h: torch.Tensor,
-                   positions: torch.Tensor, row: int | None) -> torch.Tensor:
-        """h + o_proj(attn(x)): x the normed input (B, T, hidden), h the residual stream."""
-        c, be = self.config, self.backend
-        B, T, _ = x.shape
-        qkv = linear(x, lw.w_qkv, lw.b_qkv, backend=be)  # (B, T, q + 2 kv)
-        q = qkv[..., :c.q_size].view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = qkv[..., c.q_size:c.q_size + c.kv_size].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = qkv[..., c.q_size + c.kv_size:].view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = rotary_embedding(q, k, self.cos, self.sin, positions, validate=False, backend=be)  # (B, H, T, D)
-        cache = self.cache
-        if row is not None:  # prefill of one sequence from position 0
-            cache.write_prefill(i, row, k, v)
-            y = attention(q, k, v, causal=True, backend=be)  # (1, Hq, T, D)
-        else:  # decode: one new token per sequence at positions[b, 0]
-            pos = positions[:, 0]
-            cache.write_decode(i, pos, k, v)
-            y = paged_attention(q, cache.k[i], cache.v[i], cache.block_table[:B], pos + 1,
-                                validate=False, backend=be)  # (B, Hq, 1, D)
-        y = y.transpose(1, 2).reshape(B, T, c.q_size)  # (B, T, Hq * D)
-        return linear(y, lw.w_o, lw.b_o, residual=h, backend=be)
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, row: int | None = None) -> torch.Tensor:
-        """Logits of the last position of each sequence, ``(B, vocab)`` float32.
-
-        tokens, positions: ``(B, T)``. ``row`` set: prefill of cache row ``row`` (B = 1,
-        positions 0..T-1); ``row`` None: decode (T = 1, per-sequence positions).
-        """
-        c, be = self.config, self.backend
-        h = embedding(self.embed, tokens)  # (B, T, hidden): the residual stream
-        mlp_out = None
-        for i, lw in enumerate(self.layers):
-            if mlp_out is None:
-                x = rms_norm(h, lw.input_norm, c.norm_eps, backend=be)
-            else:  # the previous MLP's residual add, fused into this norm
-                x, h = rms_norm(mlp_out, lw.input_norm, c.norm_eps, residual=h, backend=be)
-            h = self._attention(i, lw, x, h, positions, row)
-            x = rms_norm(h, lw.post_norm, c.norm_eps, backend=be)
-            gu = linear(x, lw.w_gate_up, lw.b_gate_up, backend=be)  # (B, T, 2 * inter)
-            mlp_out = linear(swiglu(gu, backend=be), lw.w_down, lw.b_down, backend=be)  # (B, T, hidden)
-        x, _ = rms_norm(mlp_out[:, -1:], self.norm, c.norm_eps, residual=h[:, -1:], backend=be)
-        return linear(x[:, 0], self.lm_head, backend=be).float()  # (B, vocab)
-
-    @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, row: int) -> torch.Tensor:
-        """One prompt ``(T,)`` into cache row ``row``; logits of its last token ``(1, vocab)``."""
-        T = tokens.shape[-1]
-        positions = torch.arange(T, device=self.device).view(1, T)
-        return self.forward(tokens.view(1, T), positions, row=row)
-
-    @torch.inference_mode()
-    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, positions ``(B,)`` (sequence b's new token and its position) -> ``(B, vocab)``."""
-        return self.forward(tokens.view(-1, 1), positions.view(-1, 1), row=None)
 
     # ------------------------------------------------------------------ the engine's step
 
