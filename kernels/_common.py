@@ -1,6 +1,6 @@
 """What every kernel family shares: backend choice, input validation, output allocation.
 
-Three ways to run each op (DESIGN.md, "Execution backends"):
+Three ways to run each op (README.md, "Execution backends"):
 
 * CUDA tensors                                 -> compiled Triton kernels
 * CPU tensors with ``TRITON_INTERPRET=1``        -> the same kernels through Triton's interpreter

@@ -1,4 +1,4 @@
-"""Layout and packaging promises of DESIGN.md."""
+"""Layout and packaging promises (README.md "Layout", docs/architecture.md)."""
 import ast
 import pathlib
 

@@ -108,7 +108,7 @@ def test_load_config_errors(tmp_path):
 def test_smollm_gguf_config_matches_transformers(tmp_path_factory):
     path = smollm_gguf()
     c = load_config(path)
-    # the numbers DESIGN.md states for the shipped model
+    # the shipped model's real shape (30 layers, hidden 576, 9 query / 3 KV heads, vocab 49152)
     assert (c.arch, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == ("llama", 30, 576, 9, 3)
     assert (c.vocab_size, c.tie_word_embeddings, c.rope_theta, c.head_dim) == (49152, True, 100000.0, 64)
     folder, name = hf_gguf_dir(tmp_path_factory, path)

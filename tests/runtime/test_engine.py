@@ -223,3 +223,19 @@ def test_interpreter_end_to_end(kind, monkeypatch):
     monkeypatch.undo()
     for i, p in enumerate(ps):
         assert done[str(i)].token_ids == oracle(kind, p, 3), i
+
+
+def test_a_thousand_prompts_through_llm():
+    """LLM.generate of 1,000 prompts: all come back, in input order, each the tokens of its
+    prompt run alone (a few distinct prompts repeated, so most of them hit the prefix cache)."""
+    from genfuse.runtime.llm import LLM
+
+    llm = LLM(tiny("smol")[1], device="cpu", backend="torch", num_kv_blocks=512, block_size=4)
+    distinct = prompts(9, 5, lo=2, hi=9)
+    batch = [list(distinct[i % 5]) for i in range(1000)]
+    out = llm.generate(batch, SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    assert len(out) == 1000
+    for i, c in enumerate(out):
+        assert c.token_ids == oracle("smol", distinct[i % 5], 3), i
+        assert c.prompt_token_ids == batch[i]
+    assert llm.engine.kv.block_manager.num_free_blocks == 512
