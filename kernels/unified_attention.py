@@ -474,9 +474,8 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
     step is one group (as ``paged_attention_reference``), a mixed step one group for the
     decodes plus one per distinct chunk length. Within a group the sequences' first
     ``max(L)`` cache slots are gathered and the bottom-right causal mask is explicit. The
-    work is laid out KV-head-major, ``(Hkv, Bg, ...)``: one ``index_select`` of the pool seen
-    as ``(Hkv, num_blocks, block_size, D)`` gathers K (and V) contiguous in that order, so
-    both matmuls read them in place (no per-head copies, no hidden transposes)."""
+    work is laid out KV-head-major, ``(Hkv, Bg, ...)``: the used blocks are gathered and made
+    contiguous in that order, so both matmuls read them in place (no per-head copies)."""
     N, Hq, D = q.shape
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -488,7 +487,6 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
     q_lens = (starts[1:] - starts[:-1]).tolist()  # the reference may sync the host
     lens_all = seq_lens.long()
     lens_host = lens_all.tolist()
-    k_heads, v_heads = k_cache.permute(2, 0, 1, 3), v_cache.permute(2, 0, 1, 3)  # (Hkv, blocks, bs, D)
     groups = {}
     for b, tq in enumerate(q_lens):
         if tq > 0:
@@ -505,9 +503,13 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
             # A shorter sequence: its entries past its end may be garbage; never gather them.
             in_use = torch.arange(n_blocks, device=q.device) * block_size < lens[:, None]
             blocks = blocks.where(in_use, 0)
-        k = k_heads.index_select(1, blocks.flatten()).view(Hkv, Bg, n_blocks * block_size, D)
-        v = v_heads.index_select(1, blocks.flatten()).view(Hkv, Bg, n_blocks * block_size, D)
-        k, v = k[:, :, :L].to(compute), v[:, :, :L].to(compute)  # (Hkv, Bg, L, D)
+        # Gather the used blocks in the pool's own layout (an index_select along a permuted
+        # view copies the whole pool first), then lay out only them KV-head-major.
+        flat = blocks.flatten()
+        k = k_cache[flat].reshape(Bg, n_blocks * block_size, Hkv, D)[:, :L].permute(2, 0, 1, 3)
+        v = v_cache[flat].reshape(Bg, n_blocks * block_size, Hkv, D)[:, :L].permute(2, 0, 1, 3)
+        k = k.to(compute, memory_format=torch.contiguous_format)  # (Hkv, Bg, L, D)
+        v = v.to(compute, memory_format=torch.contiguous_format)
         rows = (starts[idx][:, None] + torch.arange(tq, device=q.device)).reshape(-1)  # (Bg * tq,)
         qg = q.index_select(0, rows).to(compute).view(Bg, tq, Hkv, G, D)
         qg = qg.permute(2, 0, 3, 1, 4).reshape(Hkv, Bg, G * tq, D)  # query head h = kv * G + g
