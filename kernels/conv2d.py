@@ -181,10 +181,10 @@ def _prune_tiles(configs, m: int, n: int, c: int, elsize: int):
 
 
 # GENFUSE_AUTOTUNE=quick (the GPU check): (BLOCK_M, BLOCK_N, BLOCK_C, num_warps, num_stages) by
-# output channels, in order of preference, each compiled for sm_90 by bench/compile_check.py
-# (--quick) under triton 3.6 and 3.9 without spills in channels-last. Inputs of few channels
-# (RGB, a 4-channel latent) fail every 64-channel step: ``_common.select_quick`` then keeps
-# the first tile ``_prune_tiles`` allows.
+# output channels, in order of preference. None spills on sm_90 under triton 3.6 or 3.9 in
+# either layout (compile_check.py --tuned 100 and --quick, 2026-12-01; only the 256-wide tiles
+# spill, in NCHW). Inputs of few channels (RGB, a 4-channel latent) fail every 64-channel
+# step: ``_common.select_quick`` then keeps the first tile ``_prune_tiles`` allows.
 _QUICK = (
     (128, ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4))),   # VAE's 128-512 channels
     (32, ((128, 64, 64, 4, 4), (64, 64, 64, 4, 4))),
