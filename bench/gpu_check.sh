@@ -139,8 +139,9 @@ the_run() {
     # 3. whatever time is left: the wider sweeps, families without a headline first.
     run_phase sweep-vae 60 30 -- "$PY" -m genfuse bench images --only vae --no-compile \
         --json "$WORK/sweep-vae.json"
-    run_phase sweep-kernels 600 30 -- "$PY" -m genfuse bench kernels \
-        --only rotary,swiglu,group_norm,conv2d,conv_transpose2d,attention,linear,decode_attention,norm \
+    local sweep=rotary,swiglu,group_norm,conv2d,conv_transpose2d,unified_attention
+    sweep+=,attention,linear,decode_attention,norm
+    run_phase sweep-kernels 600 30 -- "$PY" -m genfuse bench kernels --only "$sweep" \
         --json "$WORK/sweep-kernels.json"
     run_phase sweep-tests 600 30 -- pytest_phase sweep-tests 0 "${kernel_tests[@]}"
     run_phase sweep-images 600 60 -- "$PY" -m genfuse bench images --json "$WORK/sweep-images.json"

@@ -411,3 +411,10 @@ def test_select_quick():
     assert [c.kwargs["B"] for c in _common.select_quick(cfgs, want, mode="quick")] == [64, 16]
     assert _common.select_quick(cfgs, (("absent",),), mode="quick") == cfgs[:1]
     assert _common.select_quick([], want, mode="quick") == []
+
+
+def test_the_kernel_sweep_covers_every_family():
+    """The run's sweep names its families (those without a headline first): none is left out."""
+    text = open(SCRIPT).read()
+    first, rest = re.search(r"local sweep=(\S+)\n\s*sweep\+=(\S+)\n", text).groups()
+    assert sorted((first + rest).split(",")) == sorted(bench_kernels.FAMILIES)
