@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build genfuse._C with AddressSanitizer + UndefinedBehaviorSanitizer in a temporary copy of the
-# tree and run the block-manager tests (exact-id unit tests and the hypothesis twin machine)
-# against it. The tree this script lives in is not touched: other processes may be importing
+# tree and run the block-manager tests (exact-id unit tests and the hypothesis twin machine), the
+# quantized matmul's kernel tests and the bindings' hostile-argument tests (list items whose
+# __index__ clears, grows or refills the list being converted, raises, or returns garbage; run in
+# child interpreters that inherit the sanitizer, so a bad read aborts that case) against it. The tree this script lives in is not touched: other processes may be importing
 # genfuse from it. Any sanitizer report aborts the run, so the exit status is the verdict.
 #
 #   bash csrc/asan_check.sh                          # from the repository root
@@ -49,5 +51,5 @@ echo "$so"
     || { echo "asan_check: genfuse was not imported from the sanitized copy" >&2; exit 1; }
 grep -q __asan_report <<<"$(nm -D "$(head -1 <<<"$so")")" || { echo "asan_check: the extension is not instrumented" >&2; exit 1; }
 # The quantized matmul's kernel tests too (not the two that load the SmolLM2 model: slow here).
-"$py" -m pytest tests/runtime/test_block_manager.py tests/runtime/test_quant.py \
+"$py" -m pytest tests/runtime/test_block_manager.py tests/runtime/test_quant.py tests/runtime/test_bindings_hardening.py \
     -k "not smollm and not keep_quantized" -q -p no:cacheprovider "$@"

@@ -1,96 +1,29 @@
 // Python bindings of genfuse::BlockManager as genfuse._C.BlockManager. The API, its rules and
 // its exceptions are PyBlockManager's (runtime/block_manager.py).
 //
-// Arguments are converted here rather than by pybind11's casters, for two reasons: the accepted
-// types must be exactly the Python twin's whatever the pybind11 version (its std::vector caster
-// started taking sets and generators in 3.0), and the decode step's id lists are converted with
-// a plain loop over the list items, which is what keeps a 256-sequence step in microseconds.
-// The rule, as in the twin: an integer is anything operator.index() accepts that fits in int64
-// (TypeError otherwise); a list of integers is a list, tuple, range or 1-D numpy array of them.
+// Arguments are converted by pyargs.h (the twin's accepted types, a fast loop over plain ints,
+// memory-safe against an __index__ that changes the list). The rule, as in the twin: an integer
+// is anything operator.index() accepts that fits in int64 (TypeError otherwise); a list of
+// integers is a list, tuple, range or 1-D numpy array of them.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cstring>
 #include <string>
 #include <vector>
 
 #include "block_manager.h"
+#include "pyargs.h"
 
 namespace py = pybind11;
 using genfuse::BlockManager;
 
 namespace {
 
-using Ids = std::vector<int64_t>;
-
-std::string type_name(PyObject* o) { return Py_TYPE(o)->tp_name; }
-
-// operator.index(o) as an int64, else TypeError (floats, strs, None, ints beyond int64).
-int64_t as_int64(PyObject* o, const char* name) {
-    int overflow = 0;
-    long long v;
-    if (PyLong_Check(o)) {
-        v = PyLong_AsLongLongAndOverflow(o, &overflow);
-    } else {
-        PyObject* idx = PyNumber_Index(o);
-        if (!idx) {
-            PyErr_Clear();
-            throw py::type_error(std::string(name) + " must be an int, not " + type_name(o));
-        }
-        v = PyLong_AsLongLongAndOverflow(idx, &overflow);
-        Py_DECREF(idx);
-    }
-    if (overflow) throw py::type_error(std::string(name) + " does not fit in int64");
-    if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
-    return v;
-}
-
-int64_t as_int64(const py::handle& h, const char* name) { return as_int64(h.ptr(), name); }
-
-// A list, tuple, range or 1-D numpy array of int64, else TypeError.
-Ids as_int64s(const py::handle& h, const char* name) {
-    PyObject* o = h.ptr();
-    Ids out;
-    if (PyList_Check(o) || PyTuple_Check(o)) {  // the decode step's path: no new references
-        const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-        PyObject** items = PySequence_Fast_ITEMS(o);
-        out.resize(static_cast<size_t>(n));
-        for (Py_ssize_t i = 0; i < n; ++i) out[i] = as_int64(items[i], name);
-        return out;
-    }
-    const bool is_array = py::isinstance<py::array>(h);
-    if (is_array) {
-        auto a = py::reinterpret_borrow<py::array>(h);
-        if (a.ndim() != 1)
-            throw py::type_error(std::string(name) + " must be 1-D, not a " + std::to_string(a.ndim()) +
-                                 "-D array");
-        const auto n = static_cast<size_t>(a.shape(0));
-        const auto stride = a.strides(0);
-        const char* p = static_cast<const char*>(a.data());
-        if (a.dtype().equal(py::dtype::of<int64_t>()) || a.dtype().equal(py::dtype::of<int32_t>())) {
-            const bool wide = a.itemsize() == 8;
-            out.resize(n);
-            for (size_t i = 0; i < n; ++i, p += stride) {
-                if (wide) { int64_t v; std::memcpy(&v, p, 8); out[i] = v; }
-                else { int32_t v; std::memcpy(&v, p, 4); out[i] = v; }
-            }
-            return out;
-        }
-    }
-    if (!is_array && !PyRange_Check(o))
-        throw py::type_error(std::string(name) + " must be a list, tuple, range or 1-D array of ints, not " +
-                             type_name(o));
-    const Py_ssize_t n = PySequence_Size(o);  // other dtypes and ranges: item by item
-    if (n < 0) throw py::error_already_set();
-    out.resize(static_cast<size_t>(n));
-    for (Py_ssize_t i = 0; i < n; ++i) {
-        py::object item = py::reinterpret_steal<py::object>(PySequence_GetItem(o, i));
-        if (!item) throw py::error_already_set();
-        out[i] = as_int64(item.ptr(), name);
-    }
-    return out;
-}
+using genfuse::pyargs::as_int64;
+using genfuse::pyargs::as_int64s;
+using genfuse::pyargs::Ids;
+using genfuse::pyargs::type_name;
 
 bool as_bool(const py::handle& h, const char* name) {
     if (!PyBool_Check(h.ptr())) throw py::type_error(std::string(name) + " must be a bool, not " + type_name(h.ptr()));

@@ -2,6 +2,12 @@
 // genfuse._C.dequantize_rows. They take numpy arrays (a CPU torch tensor's .numpy() is a
 // zero-copy view), check every shape, dtype and layout before touching memory, and release the
 // GIL while they compute.
+//
+// The arrays must be numpy arrays, not anything numpy could convert: numpy's conversion of a
+// nested list runs the items' Python code while it walks the list and crashes when that code
+// mutates it, and an output converted from a list would be written to a temporary and lost.
+// All Python code an argument can run (the row indices' __index__) runs before the arrays are
+// checked, so no array can be resized between its check and its use.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -10,6 +16,7 @@
 
 #include <unistd.h>
 
+#include "pyargs.h"
 #include "quant_matmul.h"
 
 namespace py = pybind11;
@@ -20,6 +27,13 @@ std::string shape_of(const py::array& a) {
     std::string s = "(";
     for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
     return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// An argument that must be a numpy array (TypeError otherwise; no conversion).
+py::array ndarray(const py::handle& h, const char* name) {
+    if (!py::isinstance<py::array>(h))
+        throw py::type_error(std::string(name) + " must be a numpy.ndarray, not " + genfuse::pyargs::type_name(h.ptr()));
+    return py::reinterpret_borrow<py::array>(h);
 }
 
 bool c_contiguous(const py::array& a) { return (a.flags() & py::array::c_style) != 0; }
@@ -74,7 +88,9 @@ void without_gil(F&& f) {
 
 void register_quant_matmul(py::module_& m) {
     m.def("quant_matmul",
-          [](const py::array& x, const py::array& w, int type, py::array& y, int threads, bool portable) {
+          [](const py::handle& x_, const py::handle& w_, int type, const py::handle& y_, int threads, bool portable) {
+              const py::array x = ndarray(x_, "x"), w = ndarray(w_, "w");
+              py::array y = ndarray(y_, "y");
               check_2d(x, "x", 'f', 4, false);
               const int64_t M = x.shape(0), K = x.shape(1);
               const int64_t N = check_weight(w, type, K);
@@ -92,41 +108,53 @@ void register_quant_matmul(py::module_& m) {
           },
           py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("portable") = false,
           "y (M, N) = x (M, K) @ dequantize(w).T for w (N, K/32 * block bytes) uint8 in GGML format "
-          "`type` (2 Q4_0, 3 Q4_1, 8 Q8_0); x and y float32, C-contiguous. portable=True skips the "
-          "AVX code (for tests).");
+          "`type` (2 Q4_0, 3 Q4_1, 8 Q8_0); x and y float32 numpy arrays, C-contiguous. portable=True "
+          "skips the AVX code (for tests).");
     m.def("dequantize_rows",
-          [](const py::array& w, int type, int64_t K, py::object rows, py::array& out, int threads) {
+          [](const py::handle& w_, int type, int64_t K, const py::handle& rows, const py::handle& out_, int threads) {
+              // The row indices first, copied: their conversion is the only Python code an
+              // argument runs, and another thread cannot change the copy once it is checked.
+              std::vector<int64_t> idx;
+              const bool all_rows = rows.is_none();
+              if (!all_rows) {
+                  if (py::isinstance<py::array>(rows)) {
+                      const auto given = py::reinterpret_borrow<py::array>(rows);
+                      if (given.ndim() != 1 || (given.size() > 0 && given.dtype().kind() != 'i' && given.dtype().kind() != 'u'))
+                          throw py::value_error("rows must be a 1-D array of integer row indices, got " +
+                                                shape_of(given) + " " + std::string(py::str(given.dtype())));
+                      // An integer array's cast runs no Python code.
+                      const auto cast = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(given);
+                      if (!cast) throw py::error_already_set();
+                      idx.assign(cast.data(), cast.data() + cast.size());
+                  } else if (PyList_Check(rows.ptr()) || PyTuple_Check(rows.ptr()) || PyRange_Check(rows.ptr())) {
+                      idx = genfuse::pyargs::as_int64s(rows, "rows");
+                  } else {
+                      throw py::type_error("rows must be None, a 1-D integer numpy array or a list of ints, not " +
+                                           genfuse::pyargs::type_name(rows.ptr()));
+                  }
+              }
+              const py::array w = ndarray(w_, "w");
+              py::array out = ndarray(out_, "out");
               const int64_t N = check_weight(w, type, K);
               check_2d(out, "out", 'f', 4, true);
-              // A copy of the indices: another Python thread cannot change them once checked.
-              std::vector<int64_t> idx;
-              const int64_t* rp = nullptr;
-              int64_t count = N;
-              if (!rows.is_none()) {
-                  const py::array given = py::array::ensure(rows);
-                  if (!given || given.ndim() != 1 || (given.size() > 0 && given.dtype().kind() != 'i' && given.dtype().kind() != 'u'))
-                      throw py::value_error("rows must be a 1-D array of integer row indices");
-                  const auto cast = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(given);
-                  idx.assign(cast.data(), cast.data() + cast.size());
-                  count = static_cast<int64_t>(idx.size());
-                  rp = idx.data();
-                  for (int64_t i = 0; i < count; ++i)
-                      if (rp[i] < 0 || rp[i] >= N)
-                          throw py::index_error("row " + std::to_string(rp[i]) + " out of range for " +
-                                                std::to_string(N) + " rows");
-              }
+              const int64_t count = all_rows ? N : static_cast<int64_t>(idx.size());
+              for (int64_t i = 0; i < static_cast<int64_t>(idx.size()); ++i)
+                  if (idx[i] < 0 || idx[i] >= N)
+                      throw py::index_error("rows[" + std::to_string(i) + "]=" + std::to_string(idx[i]) +
+                                            " is out of range [0, " + std::to_string(N) + ")");
               if (out.shape(0) != count || out.shape(1) != K)
                   throw py::value_error("out must be (" + std::to_string(count) + ", " + std::to_string(K) +
                                         "), got " + shape_of(out));
               if (overlap(out, w)) throw py::value_error("out must not share memory with w");
-              if (!rows.is_none() && count == 0) return;  // (a null rp would mean every row)
+              if (!all_rows && count == 0) return;  // (a null rp would mean every row)
+              const int64_t* rp = all_rows ? nullptr : idx.data();
               const auto* wp = static_cast<const uint8_t*>(w.data());
               auto* op = static_cast<float*>(out.mutable_data());
               without_gil([&] { genfuse::dequantize_rows(wp, N, K, static_cast<genfuse::QType>(type), rp, count, op, threads); });
           },
           py::arg("w"), py::arg("type"), py::arg("K"), py::arg("rows"), py::arg("out"), py::arg("threads") = 1,
-          "out = the float32 rows `rows` (None: all) of the GGML-format weight w, exactly as gguf.quants "
-          "dequantizes them.");
+          "out = the float32 rows `rows` (None: all; a 1-D integer array or a list of ints) of the "
+          "GGML-format numpy array w, exactly as gguf.quants dequantizes them.");
     m.def("quant_matmul_uses_avx", &genfuse::quant_matmul_uses_avx,
           "Whether quant_matmul runs its AVX/FMA/F16C code on this CPU (else portable C++).");
 }

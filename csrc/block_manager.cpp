@@ -12,9 +12,14 @@ namespace {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-void check_token(int64_t t) {
-    if (t < 0 || t > kTokenMax)
-        throw std::invalid_argument("token id " + str(t) + " is outside [0, " + str(kTokenMax) + "]");
+// The argument is named as the caller wrote it: token_ids[i] for a list, token_id (i < 0).
+[[noreturn, gnu::noinline, gnu::cold]] void throw_bad_token(int64_t t, int64_t i) {
+    throw std::invalid_argument((i < 0 ? std::string("token_id") : "token_ids[" + str(i) + "]") + "=" + str(t) +
+                                " is outside the token id range [0, " + str(kTokenMax) + "]");
+}
+
+inline void check_token(int64_t t, int64_t i = -1) {
+    if (t < 0 || t > kTokenMax) throw_bad_token(t, i);
 }
 
 }  // namespace
@@ -196,7 +201,7 @@ void BlockManager::fill(const std::vector<int32_t>& table, size_t i, const int32
 // ---- the sequence API ------------------------------------------------------------------------
 
 int64_t BlockManager::allocate(int64_t seq_id, const int64_t* tokens64, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) check_token(tokens64[i]);
+    for (int64_t i = 0; i < n; ++i) check_token(tokens64[i], i);
     if (index_.find(seq_id) >= 0) throw std::invalid_argument("sequence " + str(seq_id) + " is already live");
     const std::vector<int32_t> tokens(tokens64, tokens64 + n);
     const int64_t bs = block_size_;
@@ -239,7 +244,7 @@ int64_t BlockManager::allocate(int64_t seq_id, const int64_t* tokens64, int64_t 
 }
 
 int64_t BlockManager::cached_prefix_length(const int64_t* tokens64, int64_t n) const {
-    for (int64_t i = 0; i < n; ++i) check_token(tokens64[i]);
+    for (int64_t i = 0; i < n; ++i) check_token(tokens64[i], i);
     if (!caching_ || n == 0) return 0;
     const std::vector<int32_t> tokens(tokens64, tokens64 + n);
     const int64_t bs = block_size_;
@@ -256,7 +261,7 @@ int64_t BlockManager::cached_prefix_length(const int64_t* tokens64, int64_t n) c
 }
 
 void BlockManager::extend(int64_t seq_id, const int64_t* tokens, int64_t n, std::vector<CopyPair>& cows) {
-    for (int64_t i = 0; i < n; ++i) check_token(tokens[i]);
+    for (int64_t i = 0; i < n; ++i) check_token(tokens[i], i);
     const int32_t sl = slot(seq_id);
     if (n == 0) return;
     const Seq& s = seqs_[static_cast<size_t>(sl)];
@@ -310,7 +315,7 @@ void BlockManager::append_batch(const int64_t* seq_ids, const int64_t* tokens, i
     // those).
     batch_.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
-        check_token(tokens[i]);
+        check_token(tokens[i], i);
         batch_[i] = slot(seq_ids[i]);
     }
     ++epoch_;
