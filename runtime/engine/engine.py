@@ -317,7 +317,10 @@ class Engine:
         states = [r.data for r in reqs]
         penalize = any(st.params.repetition_penalty != 1.0 for st in states)
         prev = [r.tokens(0, r.num_tokens) for r in reqs] if penalize else None
-        tokens = sample(logits, [st.params for st in states], [st.generator for st in states], prev)
+        gens = [st.generator for st in states]
+        # all unseeded: one draw from the default generator, not a per-row loop
+        tokens = sample(logits, [st.params for st in states], gens if any(g is not None for g in gens) else None,
+                        prev)
         # Non-finite logits give -1 on the same sync as the tokens (no extra host round trip).
         tokens = torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)
         host = tokens.tolist()  # the one host sync of the step

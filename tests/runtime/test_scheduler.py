@@ -57,18 +57,22 @@ def drive(sched, cache, max_steps=10_000, on_step=None):
             return finished, step
         if on_step is not None:
             on_step(step)
-        out = sched.schedule()
-        assert out.num_batched_tokens <= sched.max_num_batched_tokens
-        assert len(sched.running) <= sched.max_num_seqs
-        sampled = cache.run(out)
-        sched.update(out, sampled)
-        for s in out.scheduled:
-            r = s.request
-            if r.status is Status.RUNNING and len(r.output_token_ids) >= r.max_tokens:
-                assert r.request_id not in finished
-                finished[r.request_id] = list(r.output_token_ids)
-                sched.finish(r.request_id, "length")
+        one_step(sched, cache, finished)
     raise AssertionError("the schedule did not finish (hang)")
+
+
+def one_step(sched, cache, finished):
+    """Schedule, run on the fake cache, update; finish requests that reached max_tokens."""
+    out = sched.schedule()
+    assert out.num_batched_tokens <= sched.max_num_batched_tokens
+    assert len(sched.running) <= sched.max_num_seqs
+    sched.update(out, cache.run(out))
+    for s in out.scheduled:
+        r = s.request
+        if r.status is Status.RUNNING and len(r.output_token_ids) >= r.max_tokens:
+            assert r.request_id not in finished
+            finished[r.request_id] = list(r.output_token_ids)
+            sched.finish(r.request_id, "length")
 
 
 @pytest.mark.parametrize("bm_cls", [BlockManager, PyBlockManager], ids=["cpp", "py"])
@@ -105,16 +109,7 @@ def test_random_schedules(bm_cls, seed):
             aborted.add(rid)
         if step > last_arrival and not sched.has_unfinished():
             break
-        out = sched.schedule()
-        assert out.num_batched_tokens <= sched.max_num_batched_tokens
-        assert len(sched.running) <= sched.max_num_seqs
-        sched.update(out, cache.run(out))
-        for s in out.scheduled:
-            r = s.request
-            if r.status is Status.RUNNING and len(r.output_token_ids) >= r.max_tokens:
-                assert r.request_id not in finished
-                finished[r.request_id] = list(r.output_token_ids)
-                sched.finish(r.request_id, "length")
+        one_step(sched, cache, finished)
     else:
         raise AssertionError("the schedule did not finish (hang)")
     for rid, ref in refs.items():
