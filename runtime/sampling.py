@@ -5,7 +5,8 @@ entirely on the logits' device, with no host synchronization (no ``.item()``, ``
 ``torch.multinomial``, nor a Python branch on a tensor value), so a decode loop can run it
 inside a CUDA graph or ahead of the host. The pipeline, per row, in Hugging Face's order:
 
-    repetition penalty (HF semantics) -> temperature -> top-k -> top-p -> min-p -> draw
+    repetition penalty (HF semantics) -> presence / frequency penalties (OpenAI semantics, over
+    the generated tokens) -> temperature -> top-k -> top-p -> min-p -> draw
 
 A row with ``temperature`` below `GREEDY_BELOW` (1e-5, vLLM's threshold) is greedy: the argmax of
 the penalized logits, no filtering (dividing float32 logits by a temperature of 1e-45 overflows
@@ -32,6 +33,7 @@ import torch
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's _SAMPLING_EPS)
 _SEED_RANGE = (-2**63, 2**64)  # what torch.Generator.manual_seed accepts
 _TOP_K_MAX = 2**62  # fits the int64 per-row tensor; any k >= vocab keeps everything
+MAX_LOGPROBS = 20  # alternatives per token, OpenAI's limit for top_logprobs
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ class SamplingParams:
     - ``stop``: strings that end generation (not included in the output); str or list of str.
     - ``stop_token_ids``: token ids that end generation, besides the model's EOS ids.
     - ``ignore_eos``: keep generating past EOS (benchmarks).
+    - ``presence_penalty`` / ``frequency_penalty``: finite, in [-2, 2] (OpenAI's range); 0 = off.
+      OpenAI's rule over the tokens generated so far (not the prompt, as vLLM):
+      ``logit[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t]``.
+    - ``logprobs``: None (off) or an int in [0, 20]: every generated token comes with its
+      log-probability and the ``logprobs`` most likely alternatives (`TokenLogprob`), from the
+      model's raw distribution (log-softmax of the logits before penalties, temperature and
+      filters, as vLLM's default).
     """
 
     max_tokens: int = 256
@@ -66,6 +75,9 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -108,10 +120,22 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be ints >= 0, got {i!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = _real(name, getattr(self, name))
+            if not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2] (0 = off), got {v}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def penalizes_output(self) -> bool:
+        """Do the presence / frequency penalties apply (they need the generated ids)?"""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -156,13 +180,31 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_tokens: torch.Tensor,
     return torch.where(seen > 0, penalized, logits)
 
 
+def apply_output_penalties(logits: torch.Tensor, output_tokens: torch.Tensor, presence: float | torch.Tensor,
+                           frequency: float | torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence / frequency penalties: ``logit[t] -= presence * (count[t] > 0) +
+    frequency * count[t]`` with ``count`` the occurrences of t in ``output_tokens`` (B, L)
+    (negative ids are padding). The penalties are floats or (B,) tensors. Returns a new tensor."""
+    B, V = logits.shape
+    counts = torch.zeros(B, V, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, output_tokens.clamp(min=0), (output_tokens >= 0).to(logits.dtype))
+    if isinstance(presence, torch.Tensor):
+        presence = presence.to(logits.dtype).view(B, 1)
+    if isinstance(frequency, torch.Tensor):
+        frequency = frequency.to(logits.dtype).view(B, 1)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
 def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
            generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-           prev_tokens: torch.Tensor | Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+           prev_tokens: torch.Tensor | Sequence[Sequence[int]] | None = None,
+           output_tokens: torch.Tensor | Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """One token id per row: ``logits`` (B, V) or (V,) -> int64 (B,) (or a 0-d tensor).
 
-    ``prev_tokens``: the ids the repetition penalty applies to, (B, L) int64 with negative
-    padding, or a list of id lists (copied to the device; for a hot loop keep a tensor).
+    ``prev_tokens``: the ids the repetition penalty applies to (prompt and output), (B, L)
+    int64 with negative padding, or a list of id lists (copied to the device; for a hot loop
+    keep a tensor). ``output_tokens``: likewise, the generated ids the presence / frequency
+    penalties count (needed only when a row sets them).
     """
     squeeze = logits.dim() == 1
     if squeeze:
@@ -187,6 +229,11 @@ def sample(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParam
         prev = _prev_tensor(prev_tokens, B, dev)
         pen = per_row("repetition_penalty")
         x = apply_repetition_penalty(x, prev, pen.view(B) if isinstance(pen, torch.Tensor) else pen)
+    if any(r.penalizes_output for r in rows) and output_tokens is not None:
+        outs = _prev_tensor(output_tokens, B, dev)
+        pres, freq = per_row("presence_penalty"), per_row("frequency_penalty")
+        x = apply_output_penalties(x, outs, pres.view(B) if isinstance(pres, torch.Tensor) else pres,
+                                   freq.view(B) if isinstance(freq, torch.Tensor) else freq)
 
     greedy_rows = [r.greedy for r in rows]
     greedy = x.argmax(dim=-1)  # of the penalized logits, before temperature and filters
@@ -283,3 +330,33 @@ def _exponential(probs: torch.Tensor, generator, B: int) -> torch.Tensor:
         for i, g in enumerate(gens):
             noise[i].exponential_(generator=g)
     return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+# --------------------------------------------------------------------------- logprobs
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``logprobs`` most likely alternatives
+    (``top``: (token id, logprob) pairs, most likely first), from the raw distribution."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """`TokenLogprob` of ``tokens`` (B,) under ``log_softmax(logits)`` (B, V), with the ``k``
+    best alternatives each (one device-to-host copy for all rows; call it after the step's
+    sync, it adds no wait of its own). A non-finite logprob (a NaN row) is reported as is."""
+    B, V = logits.shape
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens.view(B, 1).clamp(0, V - 1)).view(B)
+    k = min(k, V)
+    if k > 0:
+        top = lp.topk(k, dim=-1)
+        vals, ids = top.values.tolist(), top.indices.tolist()
+    else:
+        vals = ids = [[] for _ in range(B)]
+    return [TokenLogprob(int(t), float(c), tuple(zip(i, v)))
+            for t, c, i, v in zip(tokens.tolist(), chosen.tolist(), ids, vals)]

@@ -20,7 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 
 from ..sampling import SamplingParams
-from .engine import Engine, RequestOutput
+from .engine import Engine, EngineStats, RequestOutput
 
 
 class EngineDeadError(RuntimeError):
@@ -39,6 +39,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._ids = itertools.count()
+        self._stats = engine.stats
 
     # ------------------------------------------------------------------ public API
 
@@ -82,9 +83,17 @@ class AsyncEngine:
 
     @property
     def num_running(self) -> int:
+        """Requests whose consumers are still reading (queued, running or not yet collected)."""
         return len(self._queues)
 
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's `EngineStats` as of the end of the last loop turn (taken in the worker
+        thread, so it never races a step; aborts and adds are applied before it is taken)."""
+        return self._stats
+
     async def shutdown(self) -> None:
+        """Stop the loop (after the step in flight) and end every consumer with EngineDeadError."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -93,6 +102,10 @@ class AsyncEngine:
                 pass
             self._task = None
         self._pool.shutdown(wait=True)
+        if self._dead is None:
+            self._dead = RuntimeError("the engine was shut down")
+        for q in self._queues.values():
+            q.put_nowait(EngineDeadError("the engine was shut down"))
 
     # ------------------------------------------------------------------ the loop
 
@@ -124,6 +137,7 @@ class AsyncEngine:
     def _work(self):
         refused = self._apply_pending()
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        self._stats = self.engine.stats
         return refused, outputs, self.engine.has_unfinished_requests()
 
     async def _loop(self) -> None:

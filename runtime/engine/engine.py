@@ -32,7 +32,7 @@ import torch
 from ..loader import LoadedModel, load_model
 from ..registry import DEFAULT_MODEL
 from ..resources import check_memory
-from ..sampling import SamplingParams, sample
+from ..sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from .cuda_graphs import StepRunner
 from .kv_cache import KVCacheManager, kv_bytes_per_block
 from .scheduler import Request, Scheduler
@@ -110,6 +110,35 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     error: str | None = None
     metrics: dict = field(default_factory=dict)  # arrival/first_token/finished times (perf_counter)
+    # with SamplingParams.logprobs: one TokenLogprob per id in new_token_ids; else None
+    new_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine (`Engine.stats`): what runs, what waits, the KV pool, and the
+    counters since it started (the `/metrics` of the server read these)."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int  # free or holding only evictable prefix-cache blocks
+    num_steps: int
+    num_preemptions: int
+    num_prompt_tokens: int  # prompt tokens admitted (each request once, not per preemption)
+    num_cached_prompt_tokens: int  # of which prefix-cache hits
+    num_generation_tokens: int  # tokens sampled and handed out
+    finished: dict  # finish reason ("stop", "length", "abort", "error") -> requests
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV blocks in use by requests, in [0, 1]."""
+        return 1.0 - self.num_free_kv_blocks / self.num_kv_blocks if self.num_kv_blocks else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served by the prefix cache / prompt tokens admitted (0 before any)."""
+        return self.num_cached_prompt_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
 
 @dataclass
@@ -218,6 +247,8 @@ class Engine:
         self.runner = StepRunner(self.model, self.kv.k, self.kv.v, max_num_seqs=args.max_num_seqs,
                                  max_blocks_per_seq=-(-max_len // args.block_size), graphs=bool(cuda_graphs))
         self.last_step: StepTiming | None = None
+        self._finished: dict[str, int] = {}
+        self._num_generation_tokens = 0
         self.scheduler = Scheduler(self.kv.block_manager, max_num_seqs=args.max_num_seqs,
                                    max_num_batched_tokens=batched, max_model_len=max_len,
                                    enable_chunked_prefill=args.enable_chunked_prefill)
@@ -282,7 +313,10 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """End a request now and free its blocks; False if it is unknown or already over."""
-        return self.scheduler.finish(request_id, "abort") is not None
+        if self.scheduler.finish(request_id, "abort") is None:
+            return False
+        self._count_finished("abort")
+        return True
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -292,8 +326,16 @@ class Engine:
         return len(self.scheduler.requests)
 
     @property
-    def stats(self):
-        return self.scheduler.stats
+    def stats(self) -> EngineStats:
+        """A snapshot: running / waiting counts, the KV pool, prefix hits, preemptions, tokens,
+        finished requests by reason (`EngineStats`)."""
+        sch, bm = self.scheduler, self.kv.block_manager
+        st = sch.stats
+        return EngineStats(
+            num_running=len(sch.running), num_waiting=len(sch.waiting), num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks, num_steps=st.num_steps, num_preemptions=st.num_preemptions,
+            num_prompt_tokens=st.num_prompt_tokens, num_cached_prompt_tokens=st.num_cached_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens, finished=dict(self._finished))
 
     def step(self) -> list[RequestOutput]:
         """Run one model step; the outputs of every request that produced a token."""
@@ -317,14 +359,16 @@ class Engine:
         states = [r.data for r in reqs]
         penalize = any(st.params.repetition_penalty != 1.0 for st in states)
         prev = [r.tokens(0, r.num_tokens) for r in reqs] if penalize else None
+        outs = [r.output_token_ids for r in reqs] if any(st.params.penalizes_output for st in states) else None
         gens = [st.generator for st in states]
         # all unseeded: one draw from the default generator, not a per-row loop
         tokens = sample(logits, [st.params for st in states], gens if any(g is not None for g in gens) else None,
-                        prev)
+                        prev, outs)
         # Non-finite logits give -1 on the same sync as the tokens (no extra host round trip).
         tokens = torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)
         host = tokens.tolist()  # the one host sync of the step
         now = time.perf_counter()
+        logprobs = self._logprobs(logits, tokens, reqs)
         sampled = {r.request_id: max(t, 0) for r, t in zip(reqs, host)}
         self.scheduler.update(out, sampled)
         results = []
@@ -352,13 +396,33 @@ class Engine:
                         reason = "length"
             if reason is not None:
                 self.scheduler.finish(r.request_id, reason)
-            results.append(self._output(r, [t] if t >= 0 else [], reason, now))
+                self._count_finished(reason)
+            res = self._output(r, [t] if t >= 0 else [], reason, now)
+            if st.params.logprobs is not None:
+                res.new_logprobs = [logprobs[r.request_id]] if t >= 0 else []
+            self._num_generation_tokens += t >= 0
+            results.append(res)
         # host work = scheduling + inputs before the model, output processing after the sync
         self.last_step = StepTiming(t1 - t0 + time.perf_counter() - now, now - t1, len(out.scheduled),
                                     out.num_batched_tokens)
         return results
 
     # ------------------------------------------------------------------ internals
+
+    def _count_finished(self, reason: str) -> None:
+        self._finished[reason] = self._finished.get(reason, 0) + 1
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]) -> dict:
+        """request id -> TokenLogprob of its sampled token, for the rows that asked (after the
+        step's sync: one more small copy, none when nobody asked)."""
+        rows = [i for i, r in enumerate(reqs) if r.data.params.logprobs is not None]
+        if not rows:
+            return {}
+        k = max(reqs[i].data.params.logprobs for i in rows)
+        idx = torch.tensor(rows, device=logits.device)
+        got = token_logprobs(logits.index_select(0, idx), tokens.index_select(0, idx), k)
+        return {reqs[i].request_id: TokenLogprob(g.token_id, g.logprob, g.top[:reqs[i].data.params.logprobs])
+                for i, g in zip(rows, got)}
 
     def _output(self, r: Request, new_ids: list[int], reason: str | None, now: float) -> RequestOutput:
         st = r.data

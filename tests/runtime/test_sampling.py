@@ -261,3 +261,53 @@ def test_no_host_sync_on_cuda():
 
 
 test_no_host_sync_on_cuda = pytest.mark.gpu(test_no_host_sync_on_cuda)
+
+
+# --------------------------------------------------------------------------- penalties, logprobs
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 1.0}, "logprobs"),
+])
+def test_invalid_penalty_and_logprob_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_output_penalties_formula_and_padding():
+    from genfuse.runtime.sampling import apply_output_penalties
+
+    x = _logits(2)
+    outs = torch.tensor([[3, 3, 7, -1], [0, -1, -1, -1]])  # row 1: id 0 once; padding must not count id 0
+    got = apply_output_penalties(x, outs, torch.tensor([0.5, 1.0]), 0.25)
+    want = x.clone()
+    want[0, 3] -= 0.5 + 0.25 * 2
+    want[0, 7] -= 0.5 + 0.25
+    want[1, 0] -= 1.0 + 0.25
+    torch.testing.assert_close(got, want)
+    # through sample(): greedy picks the argmax of the penalized logits; a row without penalties is untouched
+    top = int(x[0].argmax())
+    p = SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=2.0)
+    tok = sample(x[:1].repeat(2, 1), [p, SamplingParams(temperature=0)], output_tokens=[[top] * 3, [top]])
+    assert tok[1] == top and tok[0] == int((x[0] - 8.0 * (torch.arange(V) == top)).argmax())
+
+
+def test_token_logprobs():
+    from genfuse.runtime.sampling import token_logprobs
+
+    x = _logits(3)
+    toks = torch.tensor([1, 2, 3])
+    got = token_logprobs(x, toks, 4)
+    ref = torch.log_softmax(x.double(), dim=-1)
+    for b, lp in enumerate(got):
+        assert lp.token_id == b + 1
+        assert lp.logprob == pytest.approx(ref[b, b + 1].item(), abs=1e-5)
+        assert [t for t, _ in lp.top] == ref[b].topk(4).indices.tolist()
+    assert all(lp.top == () for lp in token_logprobs(x, toks, 0))
