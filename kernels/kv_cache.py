@@ -184,10 +184,11 @@ def _write_torch(k, v, k_cache, v_cache, slot_mapping):
     keep = (s >= 0) & (s < num_blocks * block_size)
     if not bool(keep.all()):
         s, k, v = s[keep], k[keep], v[keep]
-    blk, off = s // block_size, s % block_size
-    # index_put_ on the 4-D view writes through any strides (a flattened view may not exist).
-    k_cache.index_put_((blk, off), k)
-    v_cache.index_put_((blk, off), v)
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        if cache.stride(0) == block_size * cache.stride(1):  # (blocks, slots) merge: one index
+            cache.view(num_blocks * block_size, *cache.shape[2:]).index_copy_(0, s, x)
+        else:  # index_put_ on the 4-D view writes through any strides
+            cache.index_put_((s // block_size, s % block_size), x)
 
 
 def write_kv_cache_reference(k, v, k_cache, v_cache, slot_mapping, *, validate=True):

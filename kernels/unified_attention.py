@@ -42,6 +42,7 @@ for small decode-only batches until this kernel gets the same split.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -436,7 +437,7 @@ def unified_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_lo
     if validate:
         max_query_len = _check_data(q, k_cache, block_table, seq_lens, query_start_loc, max_query_len)
     if use_torch:
-        return _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale)
+        return _torch_sdpa(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale)
 
     B = seq_lens.shape[0]
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -532,12 +533,84 @@ def _reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scal
     return out
 
 
+def _torch_sdpa(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale):
+    """The torch backend (what the CPU runtime runs): the grouping of `_reference`, with each
+    group's attention one ``scaled_dot_product_attention`` call instead of ~25 small ops, and
+    memory linear in the context (SDPA's CPU kernel is blockwise; only a boolean mask of a
+    group's ``(q_len, L)`` is built, and none for decodes of equal length or a whole prompt).
+    Rows are taken as views when a group's sequences are consecutive (a decode-only step, a
+    lone prefill), and a group of one sequence gathers its blocks without an index tensor.
+    Checked against `_reference` (float64) in tests/kernels/test_unified_attention.py."""
+    N, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    starts = query_start_loc.tolist()  # the torch path may sync the host
+    lens = seq_lens.tolist()
+    groups = {}
+    for b, L in enumerate(lens):
+        tq = starts[b + 1] - starts[b]
+        if tq > 0:
+            groups.setdefault(tq, []).append(b)
+    out = None
+    for tq, members in groups.items():
+        Bg, first = len(members), members[0]
+        L = max(lens[b] for b in members)
+        ragged = min(lens[b] for b in members) < L
+        n_blocks = -(-L // block_size)
+        if Bg == 1:
+            flat = block_table[first, :n_blocks]
+        else:
+            idx = torch.tensor(members, device=q.device)
+            blocks = block_table[idx, :n_blocks]
+            if ragged:  # a shorter sequence's entries past its end may be garbage: never gather them
+                lens_g = seq_lens[idx].long()
+                blocks = blocks.where(torch.arange(n_blocks, device=q.device) * block_size < lens_g[:, None], 0)
+            flat = blocks.flatten()
+        k = k_cache[flat].view(Bg, n_blocks * block_size, Hkv, D)[:, :L]  # the gather's own copy
+        v = v_cache[flat].view(Bg, n_blocks * block_size, Hkv, D)[:, :L]
+        mask, causal = None, False
+        if ragged:
+            # Slots past a shorter sequence's end were never written (NaN in a fresh pool); the
+            # mask adds -inf to their scores, but NaN + -inf and 0 * NaN are NaN: zero them.
+            past_end = torch.arange(L, device=q.device) >= lens_g[:, None]  # (Bg, L)
+            k.masked_fill_(past_end[:, :, None, None], 0.0)
+            v.masked_fill_(past_end[:, :, None, None], 0.0)
+        if ragged or 1 < tq < L:  # bottom-right causal: query t sees keys j <= len - tq + t
+            t = torch.arange(tq, device=q.device).view(1, tq, 1)
+            j = torch.arange(L, device=q.device).view(1, 1, L)
+            ends = lens_g.view(Bg, 1, 1) if ragged else L
+            mask = (j <= ends - tq + t)[:, None]  # (Bg, 1, tq, L)
+        elif tq > 1:  # tq == L: a whole prompt, top-left and bottom-right agree
+            causal = True
+        consecutive = members[-1] - first == Bg - 1 and starts[first] + Bg * tq == starts[members[-1] + 1]
+        if consecutive:
+            rows = slice(starts[first], starts[first] + Bg * tq)
+            qg = q[rows]
+        else:
+            rows = (torch.tensor([starts[b] for b in members], device=q.device)[:, None]
+                    + torch.arange(tq, device=q.device)).reshape(-1)
+            qg = q.index_select(0, rows)
+        o = F.scaled_dot_product_attention(
+            qg.view(Bg, tq, Hq, D).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=Hq != Hkv)  # (Bg, Hq, tq, D)
+        o = o.transpose(1, 2).reshape(Bg * tq, Hq, D)
+        if Bg * tq == N:  # one group holds every row, in order
+            return o
+        if out is None:
+            out = _common.empty((N, Hq, D), q.dtype, q.device)
+        if consecutive:
+            out[rows] = o
+        else:
+            out.index_copy_(0, rows, o)
+    return out
+
+
 def unified_attention_reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *,
                                 scale=None, max_query_len=None, validate=True):
     """Plain torch with the same arguments and checks as :func:`unified_attention`.
 
     Also takes float64 (the tests' oracle). Computes in fp32 for fp16/bf16 inputs, in the input
-    dtype otherwise; what the CPU runtime runs. Memory: one group's scores, ``(Bg, Hq, q_len, max L)``.
+    dtype otherwise. Memory: one group's scores, ``(Bg, Hq, q_len, max L)``. The CPU runtime
+    runs ``unified_attention(backend="torch")`` instead: the same grouping on torch SDPA.
     """
     scale = _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale, max_query_len,
                           dtypes=_REFERENCE_DTYPES)

@@ -39,14 +39,16 @@ def test_matches_reference(device, dtype, block_size, Hkv, D):
     check(k, v, k_cache, v_cache, random_slots(n, 7, block_size, padding=4, device=device))
 
 
-def test_writes_the_named_slots(device):
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_writes_the_named_slots(device, backend):
     # Exact placement, not just agreement with the reference: token i lands at (s // bs, s % bs).
+    # The torch path writes a contiguous pool through one flat index (index_copy_).
     k_cache, v_cache = make_pools(device, torch.float32, num_blocks=4, block_size=16, Hkv=2, D=8)
     before_k, before_v = k_cache.clone(), v_cache.clone()
     k = torch.randn(4, 2, 8, device=device)
     v = torch.randn(4, 2, 8, device=device)
     slots = torch.tensor([17, -1, 0, 63], dtype=torch.int32, device=device)
-    write_kv_cache(k, v, k_cache, v_cache, slots)
+    write_kv_cache(k, v, k_cache, v_cache, slots, backend=backend)
     for i, (blk, off) in {0: (1, 1), 2: (0, 0), 3: (3, 15)}.items():
         assert torch.equal(k_cache[blk, off], k[i]) and torch.equal(v_cache[blk, off], v[i])
     touched = torch.zeros(4, 16, dtype=torch.bool)
@@ -68,6 +70,12 @@ def test_strided_views(device, dtype):
     slots = random_slots(N, 5, bs, padding=2, dtype=torch.int32, device=device)
     wide = torch.stack([slots, torch.full_like(slots, 10**6)], 1).reshape(-1)[::2]  # stride 2
     check(k, v, k_cache, v_cache, wide)
+    # the torch path on pools whose (blocks, slots) cannot merge: index_put_, exact placement
+    k_cache.fill_(0.0)
+    write_kv_cache(k, v, k_cache, v_cache, wide, backend="torch")
+    for i, s in enumerate(wide.tolist()):
+        if s >= 0:
+            assert torch.equal(k_cache[s // bs, s % bs], k[i]) and torch.equal(v_cache[s // bs, s % bs], v[i])
 
 
 def test_all_padding_and_empty(device):

@@ -200,10 +200,32 @@ def test_reference_matches_dense_attention(device, prefix):
     helpers.assert_close(unified_attention(*args).view(B, T, Hq, D).transpose(1, 2), want.float(), torch.float32)
 
 
-def test_backend_torch_is_reference(device):
-    batch = make_batch(device, torch.float32, [(3, 4), (9, 1)], D=32)
-    out = unified_attention(*batch, backend="torch", scale=0.4)
-    torch.testing.assert_close(out, unified_attention_reference(*batch, scale=0.4), rtol=0, atol=0)
+# The torch backend (SDPA per group) on the groupings it treats apart: a lone sequence, groups of
+# consecutive sequences (row views) and scattered ones (gathered rows), ragged lengths (masked,
+# past-end slots zeroed), whole prompts (is_causal) and chunks after a prefix (explicit mask).
+TORCH_CASES = dict(CASES, **{
+    "ragged_chunks_one_group": ([(5, 4), (20, 4), (0, 4)], dict()),
+    "scattered_decodes": ([(3, 1), (0, 5), (7, 1), (2, 5), (40, 1)], dict(Hq=4, Hkv=1, D=32)),
+    "whole_prompts_two": ([(0, 6), (0, 6)], dict(Hq=2, Hkv=2, D=16, block_size=4)),
+    "long_context_decode": ([(700, 1)], dict(Hq=9, Hkv=3, D=64)),
+})
+
+
+@pytest.mark.parametrize("case", list(TORCH_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_backend_matches_reference(case, dtype):
+    seqs, kw = TORCH_CASES[case]
+    q, k, v, table, seq_lens, qsl = make_batch("cpu", dtype, seqs, **kw)
+    out = unified_attention(q, k, v, table, seq_lens, qsl, backend="torch", scale=0.4)
+    ref = unified_attention_reference(*helpers.to64(q, k, v), table, seq_lens, qsl, scale=0.4)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    helpers.assert_close(out, ref, dtype, tol=2e-2 if dtype == torch.bfloat16 else None)
+
+
+def test_torch_backend_scale_and_unvalidated():
+    batch = make_batch("cpu", torch.float32, [(3, 4), (9, 1)], D=32)
+    out = unified_attention(*batch, backend="torch", scale=0.4, validate=False)
+    torch.testing.assert_close(out, unified_attention_reference(*batch, scale=0.4), rtol=1e-5, atol=1e-6)
 
 
 def test_default_backend_runs_triton_on_cpu():
