@@ -30,3 +30,5 @@ __all__ = [
     "write_kv_cache", "write_kv_cache_reference",
     "unified_attention", "unified_attention_reference",
 ]
+
+from . import ops  # noqa: E402,F401  registers torch.ops.genfuse.* (after every kernel module)

@@ -251,3 +251,64 @@ def select_quick(kept: list, quick: Sequence[tuple], mode: Optional[str] = None)
     by_key = {config_key(c): c for c in kept}
     chosen = [by_key[k] for k in quick if k in by_key]
     return chosen or kept[:1]
+
+
+# --------------------------------------------------------------------------------------
+# Launches. Every launcher goes through `launch`: under the interpreter the plain jit kernel with
+# fixed meta-parameters (autotuning a CPU emulation would only multiply its cost), compiled the
+# autotuned twin. While a tracer runs (the AOT dispatch of torch.compile decomposing a
+# ``torch.ops.genfuse.*`` triton_op, make_fx) the kernel is wrapped by
+# ``torch.library.wrap_triton`` so the launch becomes a node of the graph; in eager it is launched
+# as it is, because the wrapper's higher-order-op dispatch costs about a millisecond a call.
+# --------------------------------------------------------------------------------------
+_TRACING_KEYS = tuple(getattr(torch._C._TorchDispatchModeKey, k)
+                      for k in ("FAKE", "PROXY", "FUNCTIONAL")
+                      if hasattr(torch._C._TorchDispatchModeKey, k))
+
+
+def tracing() -> bool:
+    """True while FakeTensor, proxy (make_fx) or functionalization tracing is active."""
+    return any(torch._C._get_dispatch_mode(k) is not None for k in _TRACING_KEYS)
+
+
+def traceable(kernel):
+    """``kernel`` for an eager launch, ``wrap_triton(kernel)`` while tracing (see above)."""
+    if tracing():
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+def launch(kernel, tuned, grid, *args, interpret_meta: Optional[dict] = None, **kwargs) -> None:
+    """The interpreter-or-autotuned launch choice every launcher makes, in one place.
+
+    ``kernel`` is the ``@triton.jit`` function, ``tuned`` its ``triton.autotune`` wrapper (or
+    None for kernels launched with deterministic settings); ``interpret_meta`` the fixed
+    meta-parameters used instead of tuning under the interpreter. ``grid`` is a tuple or a
+    ``meta -> tuple`` callable (called with ``interpret_meta`` under the interpreter).
+    """
+    if INTERPRET or tuned is None:
+        meta = interpret_meta if INTERPRET and interpret_meta else {}
+        traceable(kernel)[grid](*args, **kwargs, **meta)
+    else:
+        traceable(tuned)[grid](*args, **kwargs)
+
+
+def rows(t: torch.Tensor, last: int) -> torch.Tensor:
+    """``t`` (..., last) as a 2-D (rows, last) tensor, a view whenever the strides allow.
+
+    2-D tensors pass through with any strides (the kernels take both strides); 1-D becomes one
+    row. For >2-D, ``view`` works whenever the leading dims collapse into one stride (any
+    contiguous tensor, slices along the last dim, ...). Otherwise (a slice along a middle dim,
+    a broadcast ``expand`` of the batch) ``reshape`` makes one documented copy rather than
+    teach the kernels an arbitrary number of batch strides.
+    """
+    if t.dim() == 2:
+        return t
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    try:
+        return t.view(-1, last)
+    except RuntimeError:
+        return t.reshape(-1, last)  # copy: leading dims are not collapsible into one stride

@@ -466,11 +466,7 @@ def attention(
             triton.cdiv(t, META["BLOCK_M"]) * triton.cdiv(d, META["BLOCK_DV"]), hq, b)
         tuned = _attn_fwd_split_tuned
         interp = _INTERPRET_SPLIT_CONFIG
-    if _common.INTERPRET:
-        cfg = dict(interp, **meta)
-        _attn_fwd_kernel[grid(cfg)](*args, **cfg)
-    else:
-        tuned[grid](*args, **meta)
+    _common.launch(_attn_fwd_kernel, tuned, grid, *args, interpret_meta=interp, **meta)
     return (out, lse) if return_lse else out
 
 

@@ -337,10 +337,8 @@ def conv2d(
     def grid(cfg):
         return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]),)
 
-    if _common.INTERPRET:
-        _conv2d_kernel[grid(_INTERPRET_CONFIG)](*args, **meta, **_INTERPRET_CONFIG)
-    else:
-        _conv2d_kernel_tuned[grid](*args, **meta)
+    _common.launch(_conv2d_kernel, _conv2d_kernel_tuned, grid, *args,
+                   interpret_meta=_INTERPRET_CONFIG, **meta)
     return out
 
 

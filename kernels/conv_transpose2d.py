@@ -284,10 +284,8 @@ def conv_transpose2d(
     def grid(cfg):  # every phase gets the largest phase's tile count
         return (sh * sw * triton.cdiv(n * hq * wq, cfg["BLOCK_M"]) * triton.cdiv(co, cfg["BLOCK_N"]),)
 
-    if _common.INTERPRET:
-        _conv_transpose2d_kernel[grid(_INTERPRET_CONFIG)](*args, **meta, **_INTERPRET_CONFIG)
-    else:
-        _conv_transpose2d_kernel_tuned[grid](*args, **meta)
+    _common.launch(_conv_transpose2d_kernel, _conv_transpose2d_kernel_tuned, grid, *args,
+                   interpret_meta=_INTERPRET_CONFIG, **meta)
     return out
 
 

@@ -371,15 +371,13 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, n
             *block_table.stride(), seq_lens.stride(0), *out.stride())
     meta = dict(ROWS=rows, HEAD_DIM=D, PAGE_SIZE=block_size, SPLIT=split, BLOCK_G=block_g,
                 BLOCK_D=block_d)
-    if _common.INTERPRET:
-        _paged_attention_split_kernel[grid](*args, **meta, **_INTERPRET_CONFIG)
-    else:
-        _paged_attention_split_tuned[grid](*args, **meta)
+    _common.launch(_paged_attention_split_kernel, _paged_attention_split_tuned, grid, *args,
+                   interpret_meta=_INTERPRET_CONFIG, **meta)
     if split:
         block_s = _common.next_power_of_2(num_splits)
         # A row is at most 256 splits x 256 dims of fp32: 2 warps for small rows, 4 beyond.
         warps = 4 if block_s * block_d >= 8192 else 2
-        _paged_attention_merge_kernel[(B * Hq * Tq,)](
+        _common.traceable(_paged_attention_merge_kernel)[(B * Hq * Tq,)](
             part_out, part_lse, out, num_splits, Hq, Tq, *out.stride(),
             HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps)
     return out

@@ -388,18 +388,17 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] 
     x_strides = (x.stride(0), x.stride(1), sx[0], sx[1])
     y_strides = (out.stride(0), out.stride(1), sy[0], sy[1])
     meta = dict(SPATIAL_2D=spatial_2d, BLOCK_C=block_c)
-    if x.is_cuda and not _common.INTERPRET:
-        stats, apply, fixed = _gn_stats_tuned, _gn_apply_tuned, {}
-    else:  # the interpreter: one fixed config (autotuning there would run every config)
-        block_s = min(_INTERP_BLOCK_S, _common.next_power_of_2(s_per_prog))
-        stats, apply, fixed = _gn_stats_kernel, _gn_apply_kernel, dict(BLOCK_S=block_s, num_warps=4)
+    # the interpreter: one fixed config (autotuning there would run every config)
+    fixed = dict(BLOCK_S=min(_INTERP_BLOCK_S, _common.next_power_of_2(s_per_prog)), num_warps=4)
     dummy = x  # never read when HAS_WEIGHT / HAS_BIAS is off
-    stats[grid](x, ws, *sizes, *x_strides, **meta, **fixed)
-    apply[grid](x, out, weight if weight is not None else dummy, bias if bias is not None else dummy,
-                ws, *sizes, float(eps), *x_strides, *y_strides,
-                weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
-                SPLIT_BLOCK=_common.next_power_of_2(split), **meta, **fixed)
+    _common.launch(_gn_stats_kernel, _gn_stats_tuned, grid, x, ws, *sizes, *x_strides,
+                   interpret_meta=fixed, **meta)
+    _common.launch(_gn_apply_kernel, _gn_apply_tuned, grid,
+                   x, out, weight if weight is not None else dummy, bias if bias is not None else dummy,
+                   ws, *sizes, float(eps), *x_strides, *y_strides,
+                   weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+                   HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
+                   SPLIT_BLOCK=_common.next_power_of_2(split), interpret_meta=fixed, **meta)
     return out
 
 

@@ -389,17 +389,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     if m <= SMALL_M:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        if _common.INTERPRET:
-            _linear_small_m_kernel[grid](*args, *strides, **flags, **_INTERP_SMALL_M)
-        else:
-            _linear_small_m_tuned[grid](*args, *strides, **flags)
+        _common.launch(_linear_small_m_kernel, _linear_small_m_tuned, grid, *args, *strides,
+                       interpret_meta=_INTERP_SMALL_M, **flags)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         m_bucket = min(_common.next_power_of_2(m), _M_BUCKET_CAP)
-        if _common.INTERPRET:
-            _linear_gemm_kernel[grid](*args, m_bucket, *strides, **flags, **_INTERP_GEMM)
-        else:
-            _linear_gemm_tuned[grid](*args, m_bucket, *strides, **flags)
+        _common.launch(_linear_gemm_kernel, _linear_gemm_tuned, grid, *args, m_bucket, *strides,
+                       interpret_meta=_INTERP_GEMM, **flags)
     return out.view(out_shape)
 
 

@@ -142,7 +142,7 @@ def _norm(x, weight, bias, eps, residual, is_rms):
         r2 = _rows(residual, n) if residual is not None else x2  # dummy pointer when unused
         block_m, block_n, num_warps = _launch_settings(n, m)
         grid = (triton.cdiv(m, block_m),)
-        _norm_fwd_kernel[grid](
+        _common.launch(_norm_fwd_kernel, None, grid,
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
             y, h if h is not None else y,
             m, n, eps,

@@ -206,7 +206,7 @@ def rotary_embedding(
     block_h, block_half, block_tail, num_warps = _launch_settings(hq, hkv, half, D)
     grid = (B * T, triton.cdiv(hq, block_h) + triton.cdiv(hkv, block_h))
     stride_pb, stride_pt = (0, positions.stride(0)) if positions.dim() == 1 else positions.stride()
-    _rotary_kernel[grid](
+    _common.launch(_rotary_kernel, None, grid,
         q, k, q_out, k_out, cos, sin, positions,
         T, hq, hkv, half, D,
         *q.stride(), *k.stride(),

@@ -85,7 +85,7 @@ def swiglu(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     if m > 0:
         block_m, block_n, num_warps = _launch_settings(m, n)
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        _swiglu_kernel[grid](
+        _common.launch(_swiglu_kernel, None, grid,
             x2, y, m, n,
             x2.stride(0), x2.stride(1), y.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
