@@ -208,7 +208,21 @@ TORCH_CASES = dict(CASES, **{
     "scattered_decodes": ([(3, 1), (0, 5), (7, 1), (2, 5), (40, 1)], dict(Hq=4, Hkv=1, D=32)),
     "whole_prompts_two": ([(0, 6), (0, 6)], dict(Hq=2, Hkv=2, D=16, block_size=4)),
     "long_context_decode": ([(700, 1)], dict(Hq=9, Hkv=3, D=64)),
+    # lengths 1..200: several length buckets, sorted longest first (rows gathered and scattered back)
+    "decodes_in_buckets": ([(3 * i + (i % 5), 1) for i in range(40)][::-1] + [(0, 3)], dict(Hq=4, Hkv=2, D=16)),
+    "equal_decodes_one_bucket": ([(33, 1)] * 5, dict(Hq=4, Hkv=2, D=16)),
 })
+
+
+def test_length_buckets_bound_the_padding():
+    lens = [5, 400, 17, 390, 60, 61, 1, 200, 210, 205]
+    buckets = ua._length_buckets(list(range(len(lens))), lens)
+    assert sorted(b for bucket in buckets for b in bucket) == list(range(len(lens)))
+    for bucket in buckets:
+        ls = [lens[b] for b in bucket]
+        assert ls == sorted(ls, reverse=True)
+        assert len(ls) == 1 or len(ls) * ls[0] <= ua._TORCH_PAD_SLACK * sum(ls)
+    assert len(buckets) < len(lens)  # similar lengths share a bucket
 
 
 @pytest.mark.parametrize("case", list(TORCH_CASES))
