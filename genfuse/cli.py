@@ -170,6 +170,30 @@ def _cmd_image(args: argparse.Namespace) -> int:
 
 
 # --- genfuse generate / chat ----------------------------------------------------------
+def engine_flags(p) -> None:
+    """--device, --backend and the engine's flags (genfuse.EngineArgs): generate, chat, serve."""
+    p.add_argument("--device", default=None, type=_device_arg,
+                   help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="kernel backend (default auto: Triton on CUDA or under TRITON_INTERPRET=1, "
+                        "else the torch reference ops)")
+    g = p.add_argument_group("engine", "the serving engine's batching and KV cache (genfuse.EngineArgs)")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool")
+    g.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                   help="KV pool size in bytes (default: 90%% of free GPU memory; 1 GiB on CPU)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="most tokens (prompt + output) per request (default: the model's context, "
+                        "at most the pool)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (default 2048 on CUDA, 512 on CPU)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="requests running at once (default 256)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not share the KV of equal prompt prefixes")
+    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                   help="run each prompt in one step")
+
+
 def _add_llm_parsers(sub) -> None:
     def common(p):
         p.add_argument("--model", default="smollm2-135m-instruct",
@@ -179,25 +203,7 @@ def _add_llm_parsers(sub) -> None:
         p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default 0.9)")
         p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
         p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
-        p.add_argument("--device", default=None, type=_device_arg,
-                       help="torch device (default: cuda if available, else cpu)")
-        p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
-                       help="kernel backend (default auto: Triton on CUDA or under TRITON_INTERPRET=1, "
-                            "else the torch reference ops)")
-        g = p.add_argument_group("engine", "the serving engine's batching and KV cache (genfuse.EngineArgs)")
-        g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-        g.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks in the pool")
-        g.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
-                       help="KV pool size in bytes (default: 90%% of free GPU memory; 1 GiB on CPU)")
-        g.add_argument("--max-model-len", type=int, default=None,
-                       help="most tokens (prompt + output) per request (default: the model's context, "
-                            "at most the pool)")
-        g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="tokens per engine step (default 2048 on CUDA, 512 on CPU)")
-        g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                       help="do not share the KV of equal prompt prefixes")
-        g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
-                       help="run each prompt in one step")
+        engine_flags(p)
 
     p = sub.add_parser("generate", help="stream a completion of a prompt (tokens/s on stderr)",
                        description="Generate from a prompt with an LLM on genfuse kernels, streaming the "
@@ -226,7 +232,8 @@ def _sampling_params(args):
         args._llm_parser.error(str(e))
 
 
-ENGINE_FLAGS = ("block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_batched_tokens")
+ENGINE_FLAGS = ("block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_batched_tokens",
+                "max_num_seqs")
 
 
 def _engine_args(args) -> dict:
@@ -329,6 +336,59 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 # --- end genfuse generate / chat ------------------------------------------------------
 
 
+# --- genfuse serve ----------------------------------------------------------------------
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (FastAPI + uvicorn)",
+                       description="Serve a model over OpenAI's API: /v1/completions, /v1/chat/completions "
+                                   "(streamed or not), /v1/models, /health (503 while loading), /metrics "
+                                   "(Prometheus). Prints the URL once the model is loaded; SIGTERM or Ctrl-C "
+                                   "lets running requests finish (--shutdown-timeout), then exits 0 (130 for "
+                                   "Ctrl-C).")
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct",
+                   help="registry name, Hugging Face model folder or .gguf file (default smollm2-135m-instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GENFUSE_API_KEY, else none)")
+    p.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                   help="answer 503 + Retry-After while N requests await their first token (default: no limit)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort a request running longer than this (default: no limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running requests may finish before they are aborted (default 5)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients use and /v1/models lists (default: MODEL as given)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"),
+                   help="log level (default info; access lines are logged at info)")
+    engine_flags(p)
+    p.set_defaults(func=_cmd_serve, _llm_parser=p)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    parser = args._llm_parser
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("GENFUSE_API_KEY") or None)
+    engine_kwargs = {"device": args.device, "backend": None if args.backend == "auto" else args.backend,
+                     **_engine_args(args)}
+    try:
+        from genfuse.runtime.server import ServerConfig, serve
+
+        cfg = ServerConfig(model=args.model, host=args.host, port=args.port, api_key=api_key,
+                           max_waiting=args.max_waiting, request_timeout=args.request_timeout,
+                           shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
+                           log_level=args.log_level, engine_kwargs=engine_kwargs)
+    except ValueError as e:
+        parser.error(str(e))
+    except ImportError as e:
+        return _error("serve", e)
+    try:
+        return serve(cfg)
+    except USER_ERRORS as e:
+        return _error("serve", e)
+# --- end genfuse serve ------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     import genfuse
 
@@ -379,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_be.set_defaults(func=lambda args: engine_bench.main(args=args))
     _add_image_parser(sub)
     _add_llm_parsers(sub)
+    _add_serve_parser(sub)
     return parser
 
 

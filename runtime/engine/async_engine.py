@@ -75,7 +75,8 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (applied before the next step; its blocks are freed then)."""
+        """Stop a request (applied before the next step; its blocks are freed then). A consumer
+        still reading it gets a last output with finish_reason "abort"."""
         with self._lock:
             self._aborts.append(request_id)
         if self._wake is not None:
@@ -116,29 +117,34 @@ class AsyncEngine:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    def _apply_pending(self) -> list[tuple[str, BaseException]]:
-        """In the worker thread: queued aborts, then queued requests. Returns refused ones."""
+    def _apply_pending(self) -> tuple[list[tuple[str, BaseException]], list[RequestOutput]]:
+        """In the worker thread: queued aborts, then queued requests. Returns the refused ones
+        and the last output of each aborted request (a consumer still reading, as when the
+        server aborts everything at shutdown, ends with finish_reason "abort")."""
         with self._lock:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
-        refused = []
+        refused, ended = [], []
         aborted = set(aborts)
         for rid in aborts:
-            self.engine.abort(rid)
+            out = self.engine.abort_with_output(rid)
+            if out is not None:
+                ended.append(out)
         for rid, ids, params in adds:
-            if rid in aborted:
+            if rid in aborted:  # aborted before it reached the engine
+                ended.append(RequestOutput(rid, [], "", [], "", True, "abort", list(ids)))
                 continue
             try:
                 self.engine.add_request(rid, ids, params)
             except (ValueError, TypeError) as e:
                 refused.append((rid, e))
-        return refused
+        return refused, ended
 
     def _work(self):
-        refused = self._apply_pending()
+        refused, ended = self._apply_pending()
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
         self._stats = self.engine.stats
-        return refused, outputs, self.engine.has_unfinished_requests()
+        return refused, ended + outputs, self.engine.has_unfinished_requests()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -313,10 +313,16 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """End a request now and free its blocks; False if it is unknown or already over."""
-        if self.scheduler.finish(request_id, "abort") is None:
-            return False
+        return self.abort_with_output(request_id) is not None
+
+    def abort_with_output(self, request_id: str) -> RequestOutput | None:
+        """`abort`, returning the request's last `RequestOutput` (finished, finish_reason
+        "abort", the text so far); None if it is unknown or already over."""
+        r = self.scheduler.finish(request_id, "abort")
+        if r is None:
+            return None
         self._count_finished("abort")
-        return True
+        return self._output(r, [], "abort", time.perf_counter())
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
