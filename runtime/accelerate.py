@@ -235,17 +235,22 @@ def _rewrite(parent: nn.Module, prefix: str, backend: Optional[str], left: List[
             left.append(_describe(path, child))
 
 
-def accelerate(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
-    """A copy of ``module`` whose conv stacks run on genfuse kernels; ``module`` is untouched.
+def accelerate(module, *, backend: Optional[str] = None, inplace: bool = False):
+    """A copy of ``module`` whose compute runs on genfuse kernels; ``module`` is untouched.
 
     Args:
         module: an ``nn.Sequential`` of ConvTranspose2d / Conv2d / BatchNorm2d / ReLU /
             LeakyReLU / Tanh / Sigmoid, or any module holding such stacks (e.g. a DCGAN
             ``Generator`` with ``self.main``). Any widths, with or without conv bias.
             A diffusers ``AutoencoderKL`` goes to `genfuse.runtime.vae`: its ``decode()``
-            runs on the kernels (see that module).
+            runs on the kernels (see that module). A transformers causal LM (Llama, Mistral,
+            Qwen2, SmolLM2, GPT-2) or a diffusers pipeline goes to
+            `genfuse.runtime.accelerate_hf` (attention through transformers'
+            ``AttentionInterface``; a pipeline's VAE decoder).
         backend: passed to every kernel call (None: Triton on CUDA and under
             ``TRITON_INTERPRET=1``, the torch reference ops otherwise; see `genfuse.kernels`).
+        inplace: transformers models and diffusers pipelines only: patch ``module`` itself
+            and return it, instead of a patched copy (saves the copy's memory).
 
     Returns:
         A module with the same call signature. BatchNorm uses its running statistics (eval
@@ -254,9 +259,17 @@ def accelerate(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module
         in a single ``UserWarning``. The copy is an inference module: its fused weights are
         buffers, not parameters.
     """
+    from genfuse.runtime import accelerate_hf, vae  # here, not at the top: vae imports this module
+
+    if accelerate_hf.is_diffusers_pipeline(module):
+        return accelerate_hf.accelerate_pipeline(module, backend=backend, inplace=inplace)
     if not isinstance(module, nn.Module):
-        raise TypeError(f"accelerate() takes an nn.Module, got {type(module).__name__}")
-    from genfuse.runtime import vae  # here, not at the top: vae imports this module
+        raise TypeError(f"accelerate() takes an nn.Module or a diffusers pipeline, got {type(module).__name__}")
+    if accelerate_hf.is_transformers_model(module):
+        return accelerate_hf.accelerate_transformers(module, backend=backend, inplace=inplace)
+    if inplace:
+        raise ValueError("accelerate(inplace=True) is for transformers models and diffusers "
+                         "pipelines; a conv stack is always rebuilt as a copy")
 
     if vae.is_autoencoder_kl(module):
         return vae.accelerate_autoencoder_kl(module, backend=backend)
