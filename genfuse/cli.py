@@ -437,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     engine_bench.build_parser(p_be)
     p_be.set_defaults(func=lambda args: engine_bench.main(args=args))
+    from genfuse.bench import serve_bench
+
+    p_bs = bench_sub.add_parser("serve", help="the HTTP server under load: throughput, TTFT, ITL (vs llama.cpp)",
+                                description=serve_bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_bench.build_parser(p_bs)
+    p_bs.set_defaults(func=lambda args: serve_bench.main(args=args))
     _add_image_parser(sub)
     _add_llm_parsers(sub)
     _add_serve_parser(sub)

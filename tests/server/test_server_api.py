@@ -406,3 +406,22 @@ def test_readme_examples(server):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["reply"].choices[0].message.content
     assert "".join(namespace["pieces"])
+
+
+def test_bench_serve_against_this_server(server, tmp_path):
+    from genfuse.bench import serve_bench
+
+    out = tmp_path / "serve.json"
+    code = serve_bench.main(["--url", server.url, "--model", MODEL, "--concurrency", "1,3", "--requests-per-level",
+                             "3", "--output-tokens", "3:5", "--prompt-words", "3:6", "--json", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    [s] = res["servers"]
+    assert [lv["concurrency"] for lv in s["levels"]] == [1, 3]
+    for lv in s["levels"]:
+        assert lv["completed"] == 3 and lv["num_errors"] == 0
+        assert 9 <= lv["output_tokens"] <= 15  # max_tokens 3..5 each, EOS ignored: exactly what was asked
+        assert lv["ttft_s"]["n"] == 3 and lv["ttft_s"]["p50"] <= lv["ttft_s"]["p99"]
+        assert 0 < lv["itl_s"]["n"] <= lv["output_tokens"] - 3  # gaps between content chunks
+    assert serve_bench.request_mix(4, 1, (3, 6), (3, 5)) == serve_bench.request_mix(4, 1, (3, 6), (3, 5))
+    assert serve_bench.percentiles([3.0, 1.0, 2.0])["p50"] == 2.0
