@@ -1,13 +1,16 @@
-"""Model configuration: one dataclass for both families genfuse runs.
+"""Model configuration: one dataclass for every model family genfuse runs.
+
+The families (`runtime.models.FAMILIES`, one file each) are today:
 
 - ``arch="llama"``: Llama 2/3, SmolLM2, Mistral, Qwen2. RMSNorm, rotary embeddings (the config's
   theta, optional linear / Llama-3 scaling), SwiGLU MLP, grouped-query attention, tied or untied
   embeddings, optional q/k/v bias (Qwen2).
 - ``arch="gpt2"``: learned positions, LayerNorm, gelu_tanh MLP, biases everywhere.
 
-Built from a Hugging Face ``config.json`` dict (model_type llama, mistral, qwen2, gpt2) with
-`ModelConfig.from_hf`, or from GGUF metadata (general.architecture llama, qwen2, gpt2) with
-`ModelConfig.from_gguf`; `load_config(path)` picks by path. Anything the runtime would silently
+Built from a Hugging Face ``config.json`` dict with `ModelConfig.from_hf`, or from GGUF metadata
+with `ModelConfig.from_gguf`; `load_config(path)` picks by path. The family of a config.json
+``model_type`` / a GGUF ``general.architecture`` reads its own keys (its ``hf_config`` /
+``gguf_config``); this file holds what every family shares. Anything the runtime would silently
 compute wrong (an unknown rope type, a sliding window, GPT-2's per-layer attention scaling) raises
 ``ValueError`` instead.
 """
@@ -20,9 +23,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
-GGUF_ARCHS = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
 # rope_scaling["rope_type"] values the model code must implement:
 #   "linear":       positions divided by "factor"
@@ -157,7 +157,7 @@ class ConfigReader:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" | "gpt2"
+    arch: str  # a key of runtime.models.FAMILIES: "llama" | "gpt2"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -181,18 +181,16 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # the raw source dict
 
     def __post_init__(self):
-        if self.arch not in ("llama", "gpt2"):
-            raise ValueError(f"arch must be 'llama' or 'gpt2', not {self.arch!r}")
+        from .models import family_for  # the families import this module
+
+        family = family_for(self.arch)
         for name, hi in LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
                 raise ValueError(f"{name} must be an int in [1, {hi}], got {_short(v)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.arch == "gpt2" and self.num_heads * self.head_dim != self.hidden_size:
-            raise ValueError(f"gpt2: num_heads={self.num_heads} x head_dim={self.head_dim} != hidden_size={self.hidden_size}")
-        if self.arch == "llama" and self.head_dim % 2:
-            raise ValueError(f"rotary needs an even head_dim, got {self.head_dim}")
+        family.check_config(self)
         # each of these divides or exponentiates something: 0, < 0, NaN or inf give garbage
         for name in ("norm_eps", "rope_theta"):
             _check_positive(name, getattr(self, name))
@@ -231,102 +229,12 @@ class ModelConfig:
     def from_hf(cls, d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
         """From a Hugging Face ``config.json`` dict; ``source`` names the file in errors."""
         model_type = d.get("model_type")
-        if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
+        families = _by_name("hf_model_types")
+        if not isinstance(model_type, str) or model_type not in families:
             raise ValueError(f"{source}: model_type {_short(model_type)} is not supported "
-                             f"(supported: {', '.join(HF_MODEL_TYPES)})")
+                             f"(supported: {', '.join(families)})")
         r = ConfigReader(d, source, context=f" (needed for model_type {model_type!r})")
-        build = cls._from_hf_gpt2 if HF_MODEL_TYPES[model_type] == "gpt2" else cls._from_hf_llama
-        return _named(source, lambda: cls(**build(r, model_type)))
-
-    @staticmethod
-    def _from_hf_llama(r: ConfigReader, model_type: str) -> dict:
-        heads = r.dim("num_attention_heads", "num_heads")
-        hidden = r.dim("hidden_size", "hidden_size")
-        max_pos = r.dim("max_position_embeddings", "max_position_embeddings",
-                        32768 if model_type == "mistral" else 2048)
-        window = r.int("sliding_window", None, lo=1, null_ok=True) if model_type == "mistral" else None
-        if window is not None:
-            # Mistral v0.1 ships sliding_window=4096; attention is only identical to full
-            # attention up to that length, so the runtime caps max positions there.
-            max_pos = min(max_pos, window)
-        if model_type == "qwen2" and r.bool("use_sliding_window", False, null_ok=True):
-            raise ValueError(f"{r.source}: qwen2 with use_sliding_window=true is not supported")
-        # transformers >= 5 folds theta and scaling into "rope_parameters"; older files use
-        # "rope_theta" + "rope_scaling".
-        rope_key = "rope_parameters" if r.d.get("rope_parameters") else "rope_scaling"
-        rope = r.dict(rope_key, {}, null_ok=True)
-        rr = ConfigReader(rope, r.source, path=rope_key + ".")
-        theta = r.float("rope_theta", None, positive=True, null_ok=True)
-        if theta is None:
-            theta = rr.float("rope_theta", 10000.0, positive=True)
-        if model_type == "qwen2":
-            attn_bias, out_bias = True, False  # Qwen2 has q/k/v bias, none on o_proj
-        else:
-            attn_bias = out_bias = r.bool("attention_bias", False)
-        act = r.str("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{r.source}: hidden_act {act!r} is not supported for {model_type} (only silu)")
-        head_dim = r.int("head_dim", None, lo=0, hi=LIMITS["head_dim"], null_ok=True)
-        return dict(
-            arch="llama",
-            vocab_size=r.dim("vocab_size", "vocab_size"),
-            hidden_size=hidden,
-            num_layers=r.dim("num_hidden_layers", "num_layers"),
-            num_heads=heads,
-            num_kv_heads=r.dim("num_key_value_heads", "num_kv_heads", heads, null_ok=True),
-            head_dim=head_dim or hidden // heads,  # transformers: `head_dim or hidden // heads`
-            intermediate_size=r.dim("intermediate_size", "intermediate_size"),
-            norm_eps=r.float("rms_norm_eps", 1e-6, positive=True),
-            max_position_embeddings=max_pos,
-            tie_word_embeddings=r.bool("tie_word_embeddings", False),
-            rope_theta=theta,
-            rope_scaling=_normalize_rope(rr),
-            attention_bias=attn_bias,
-            attention_out_bias=out_bias,
-            mlp_bias=r.bool("mlp_bias", False),
-            hidden_act="silu",
-            bos_token_id=_one_id(r, "bos_token_id"),
-            eos_token_ids=r.token_ids("eos_token_id"),
-            model_type=model_type,
-            torch_dtype=_dtype_name(r),
-            extra=r.d,
-        )
-
-    @staticmethod
-    def _from_hf_gpt2(r: ConfigReader, model_type: str) -> dict:
-        hidden = r.dim("n_embd", "hidden_size")
-        heads = r.dim("n_head", "num_heads")
-        act = r.str("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{r.source}: gpt2 activation_function {act!r} is not supported (gelu_new)")
-        if (r.bool("scale_attn_by_inverse_layer_idx", False, null_ok=True)
-                or r.bool("reorder_and_upcast_attn", False, null_ok=True)):
-            raise ValueError(f"{r.source}: gpt2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
-                             "are not supported")
-        if r.bool("scale_attn_weights", True, null_ok=True) is False:
-            raise ValueError(f"{r.source}: gpt2 scale_attn_weights=false is not supported")
-        return dict(
-            arch="gpt2",
-            vocab_size=r.dim("vocab_size", "vocab_size"),
-            hidden_size=hidden,
-            num_layers=r.dim("n_layer", "num_layers"),
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=hidden // heads,
-            intermediate_size=r.dim("n_inner", "intermediate_size", 4 * hidden, null_ok=True),
-            norm_eps=r.float("layer_norm_epsilon", 1e-5, positive=True),
-            max_position_embeddings=r.dim("n_positions", "max_position_embeddings", 1024),
-            tie_word_embeddings=r.bool("tie_word_embeddings", True),
-            attention_bias=True,
-            attention_out_bias=True,
-            mlp_bias=True,
-            hidden_act="gelu_tanh",
-            bos_token_id=_one_id(r, "bos_token_id"),
-            eos_token_ids=r.token_ids("eos_token_id"),
-            model_type="gpt2",
-            torch_dtype=_dtype_name(r),
-            extra=r.d,
-        )
+        return _named(source, lambda: cls(**families[model_type].hf_config(r, model_type)))
 
     # ------------------------------------------------------------------ GGUF metadata
 
@@ -341,9 +249,10 @@ class ModelConfig:
         tensor names hold (checked before anything is sized by it)."""
         r = ConfigReader(metadata, source, "GGUF metadata")
         gguf_arch = r.str("general.architecture")
-        if gguf_arch not in GGUF_ARCHS:
+        families = _by_name("gguf_archs")
+        if gguf_arch not in families:
             raise ValueError(f"{source}: GGUF architecture {gguf_arch!r} is not supported "
-                             f"(supported: {', '.join(GGUF_ARCHS)})")
+                             f"(supported: {', '.join(families)})")
         names = set(tensor_names)
         a = gguf_arch + "."
 
@@ -366,7 +275,7 @@ class ModelConfig:
         eos = r.token_ids("tokenizer.ggml.eos_token_id")
         # llama.cpp also stops on end-of-turn / end-of-message tokens (Llama 3's <|eot_id|>).
         for extra_key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-            tid = _one_id(r, extra_key)
+            tid = one_id(r, extra_key)
             if tid is not None and tid not in eos:
                 eos = eos + (tid,)
         common = dict(
@@ -377,43 +286,24 @@ class ModelConfig:
             num_kv_heads=kv_heads,
             max_position_embeddings=r.dim(a + "context_length", "max_position_embeddings", 2048),
             tie_word_embeddings="output.weight" not in names,
-            bos_token_id=_one_id(r, "tokenizer.ggml.bos_token_id"),
+            bos_token_id=one_id(r, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=eos,
             model_type=gguf_arch,
             torch_dtype=None,
             extra={k: v for k, v in metadata.items() if not k.startswith("tokenizer.ggml.")},
         )
-        if GGUF_ARCHS[gguf_arch] == "gpt2":
-            return _named(source, lambda: cls(
-                arch="gpt2", head_dim=hidden // heads,
-                intermediate_size=r.dim(a + "feed_forward_length", "intermediate_size", 4 * hidden),
-                norm_eps=r.float(a + "attention.layer_norm_epsilon", 1e-5, positive=True),
-                attention_bias=True, attention_out_bias=True, mlp_bias=True,
-                hidden_act="gelu_tanh", **common))
-
-        head_dim = (r.int(a + "attention.key_length", 0, lo=0, hi=LIMITS["head_dim"])
-                    or r.int(a + "rope.dimension_count", 0, lo=0, hi=LIMITS["head_dim"]) or hidden // heads)
-        rope_scaling = None
-        scaling_type = r.str(a + "rope.scaling.type", None)
-        if "rope_freqs.weight" in names:
-            rope_scaling = {"rope_type": "freq_factors"}
-        elif scaling_type == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": r.float(a + "rope.scaling.factor", positive=True)}
-        elif scaling_type not in (None, "none"):
-            raise ValueError(f"{source}: GGUF rope.scaling.type {scaling_type!r} is not supported")
-        return _named(source, lambda: cls(
-            arch="llama", head_dim=head_dim,
-            intermediate_size=r.dim(a + "feed_forward_length", "intermediate_size"),
-            norm_eps=r.float(a + "attention.layer_norm_rms_epsilon", 1e-6, positive=True),
-            rope_theta=r.float(a + "rope.freq_base", 10000.0, positive=True),
-            rope_scaling=rope_scaling,
-            attention_bias="blk.0.attn_q.bias" in names,
-            attention_out_bias="blk.0.attn_output.bias" in names,
-            mlp_bias="blk.0.ffn_up.bias" in names,
-            hidden_act="silu", **common))
+        own = families[gguf_arch].gguf_config(r, a, names, hidden, heads)
+        return _named(source, lambda: cls(**own, **common))
 
 
 _GGUF_BLOCK_INDEX = re.compile(r"^blk\.(\d+)\.")
+
+
+def _by_name(attr: str) -> dict:
+    """"hf_model_types" / "gguf_archs" -> {name: its family}, in `FAMILIES` order."""
+    from .models import FAMILIES
+
+    return {name: f for f in FAMILIES.values() for name in getattr(f, attr)}
 
 
 def _named(source: str, build):
@@ -426,14 +316,14 @@ def _named(source: str, build):
         raise ValueError(f"{source}: {e}") from None
 
 
-def _one_id(r: ConfigReader, key: str) -> int | None:
+def one_id(r: ConfigReader, key: str) -> int | None:
     v, dflt = r._value(key, None, True, "a token id")
     if not dflt and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
         raise r.fail(key, v, "a token id (an int >= 0)")
     return v
 
 
-def _dtype_name(r: ConfigReader) -> str | None:
+def dtype_name(r: ConfigReader) -> str | None:
     return r.str("torch_dtype", None, null_ok=True) or r.str("dtype", None, null_ok=True)
 
 
@@ -442,7 +332,7 @@ def _check_positive(name: str, v: Any) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {_short(v)}")
 
 
-def _normalize_rope(rr: ConfigReader) -> dict | None:
+def normalize_rope(rr: ConfigReader) -> dict | None:
     """HF rope_scaling / rope_parameters -> None (plain rotary) or a dict with "rope_type"."""
     kind = rr.str("rope_type", None, null_ok=True) or rr.str("type", None, null_ok=True) or "default"
     if kind == "default":

@@ -23,7 +23,7 @@ from .weights import load_weights
 class LoadedModel:
     name: str
     config: ModelConfig
-    model: object  # a FAMILIES class instance
+    model: object  # an instance of a FAMILIES entry's model class
     tokenizer: Tokenizer | None
     eos_token_ids: frozenset[int]
     device: torch.device
@@ -42,17 +42,14 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
     config = load_config(resolved.path)
-    family = FAMILIES.get(config.arch)
-    if family is None:
-        raise ValueError(f"{resolved.name}: architecture {config.arch!r} is not supported "
-                         f"(supported: {', '.join(sorted(FAMILIES))})")
+    family = FAMILIES[config.arch]  # ModelConfig refuses an arch that has no family
     packable = can_pack(dev, dtype, resolve_backend(backend, torch.empty(0, device=dev)))
     if keep_quantized and not packable:
         raise ValueError("keep_quantized=True needs the CPU, float32 and the torch ops (backend='torch', "
                          f"or None without TRITON_INTERPRET); got {dev}, {dtype}, backend={backend!r}")
     keep = packable if keep_quantized is None else bool(keep_quantized)
     sd = load_weights(resolved.path, config, dtype=dtype, device=dev, packed=keep)
-    net = family.from_state_dict(config, sd, backend=backend)
+    net = family.model.from_state_dict(config, sd, backend=backend)
     del sd
     try:
         tokenizer: Tokenizer | None = Tokenizer.load(resolved.path)

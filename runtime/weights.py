@@ -1,6 +1,7 @@
 """Weight loaders: a Hugging Face folder's safetensors, or a .gguf file, into one state dict.
 
-Canonical naming (what the model code reads, whatever the source):
+Canonical naming (what the model code reads, whatever the source; each family declares its
+names, shapes and GGUF mapping in its `runtime/models/<family>.py` `Family` record):
 
     llama family (Llama, SmolLM2, Mistral, Qwen2), Hugging Face's LlamaForCausalLM names:
         model.embed_tokens.weight                               (vocab, hidden)
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, load_config
+from .models import family_for
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -70,48 +72,14 @@ def expected_tensor_count(config: ModelConfig) -> int:
 
 
 def _top_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h = c.hidden_size
-    if c.arch == "llama":
-        shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
-        if c.rope_scaling is not None and c.rope_scaling["rope_type"] == "freq_factors":
-            shapes["model.rope_freqs"] = (c.head_dim // 2,)
-    else:
-        shapes = {"transformer.wte.weight": (c.vocab_size, h),
-                  "transformer.wpe.weight": (c.max_position_embeddings, h),
-                  "transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)}
+    shapes = family_for(c.arch).top_shapes(c)
     if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     return shapes
 
 
 def _layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
-    h, inter = c.hidden_size, c.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    if c.arch == "llama":
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        for proj, rows in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size)):
-            shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
-            if c.attention_bias:
-                shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
-        if c.attention_out_bias:
-            shapes[p + "self_attn.o_proj.bias"] = (h,)
-        for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
-            shapes[p + f"mlp.{proj}_proj.weight"] = shape
-            if c.mlp_bias:
-                shapes[p + f"mlp.{proj}_proj.bias"] = shape[:1]
-    else:
-        p = f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            shapes[p + f"{ln}.weight"] = (h,)
-            shapes[p + f"{ln}.bias"] = (h,)
-        for name, shape in (("attn.c_attn", (3 * h, h)), ("attn.c_proj", (h, h)),
-                            ("mlp.c_fc", (inter, h)), ("mlp.c_proj", (h, inter))):
-            shapes[p + f"{name}.weight"] = shape
-            shapes[p + f"{name}.bias"] = shape[:1]
-    return shapes
+    return family_for(c.arch).layer_shapes(c, i)
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
@@ -244,38 +212,22 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Pat
                 yield name, t, f
 
 
-_GPT2_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
-_GPT2_CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-_LLAMA_TOP = ("layers.", "embed_tokens.", "norm.")
-
-
 def _canonical_hf_name(name: str, config: ModelConfig) -> str | None:
     """A checkpoint key -> its canonical name, or None for a key to drop (buffers, tied heads)."""
-    if config.arch == "llama":
-        if name.endswith("rotary_emb.inv_freq"):
-            return None
-        if name.startswith(_LLAMA_TOP):  # saved from the bare LlamaModel
-            name = "model." + name
-    else:
-        if _GPT2_BUFFER.match(name):  # the causal-mask buffers older checkpoints carry
-            return None
-        if not name.startswith(("transformer.", "lm_head.")):  # saved from the bare GPT2Model
-            name = "transformer." + name
+    name = family_for(config.arch).hf_name(name)
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return None
     return name
 
 
 def _load_folder(folder: Path, config: ModelConfig, dtype, device) -> dict[str, torch.Tensor]:
+    family = family_for(config.arch)
     sd: dict[str, torch.Tensor] = {}
     for name, t, f in iter_safetensors(safetensors_files(folder)):
         canon = _canonical_hf_name(name, config)
         if canon is None:
             continue
-        if config.arch == "gpt2" and _GPT2_CONV1D.search(canon):
-            if t.dim() != 2:
-                raise ValueError(f"{f}: {name} should be a 2-D Conv1D weight, has shape {tuple(t.shape)}")
-            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
+        t = family.hf_tensor(canon, t, str(f))
         if canon in sd:
             raise ValueError(f"{f}: {name} maps to {canon}, which another key already gave")
         sd[canon] = _finish(t, dtype, device)
@@ -290,51 +242,17 @@ def _finish(t: torch.Tensor, dtype, device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- GGUF
 
-_GGUF_LLAMA = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "rope_freqs.weight": "model.rope_freqs",
-}
-_GGUF_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# llama.cpp writes GPT-2's Conv1D matrices already transposed to (out, in): no transpose here.
-_GGUF_GPT2 = {
-    "token_embd.weight": "transformer.wte.weight",
-    "position_embd.weight": "transformer.wpe.weight",
-    "output_norm.weight": "transformer.ln_f.weight",
-    "output_norm.bias": "transformer.ln_f.bias",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_GPT2_BLOCK = {
-    "attn_norm": "ln_1",
-    "attn_qkv": "attn.c_attn",
-    "attn_output": "attn.c_proj",
-    "ffn_norm": "ln_2",
-    "ffn_up": "mlp.c_fc",
-    "ffn_down": "mlp.c_proj",
-}
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
 def gguf_to_canonical(name: str, config: ModelConfig) -> str | None:
     """A GGUF tensor name -> its canonical name (None if the family has no such tensor)."""
-    top, block, prefix = ((_GGUF_LLAMA, _GGUF_LLAMA_BLOCK, "model.layers") if config.arch == "llama"
-                          else (_GGUF_GPT2, _GGUF_GPT2_BLOCK, "transformer.h"))
-    if name in top:
-        return top[name]
+    family = family_for(config.arch)
+    if name in family.gguf_top:
+        return family.gguf_top[name]
     m = _GGUF_BLOCK.match(name)
-    if m and m.group(2) in block:
-        return f"{prefix}.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in family.gguf_block:
+        return f"{family.layer_prefix}.{m.group(1)}.{family.gguf_block[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -393,9 +311,7 @@ def _load_gguf(path: Path, config: ModelConfig, dtype, device, packed: bool = Fa
     from .quant import QTYPES, PackedWeight
 
     g = open_gguf(path)
-    # llama.cpp permutes q/k only for arch "llama" (Llama, Mistral, SmolLM2); qwen2 uses the
-    # NeoX rotary layout and is stored as in HF.
-    permuted = g.architecture == "llama"
+    permuted_heads = family_for(config.arch).gguf_permuted_heads  # llama.cpp's rotary row order
     sd: dict[str, torch.Tensor] = {}
     for t in g.reader.tensors:
         canon = gguf_to_canonical(t.name, config)
@@ -405,16 +321,14 @@ def _load_gguf(path: Path, config: ModelConfig, dtype, device, packed: bool = Fa
             continue
         if packed and t.tensor_type.name in QTYPES and len(t.shape) == 2:
             w = _packed_gguf_tensor(t, str(path), PackedWeight)
-            if permuted and ".self_attn.q_proj." in canon:
-                w = PackedWeight(unpermute_rotary(w.data, config.num_heads), w.qtype, w.shape[1])
-            elif permuted and ".self_attn.k_proj." in canon:
-                w = PackedWeight(unpermute_rotary(w.data, config.num_kv_heads), w.qtype, w.shape[1])
+            heads = permuted_heads(canon, config, g.architecture)
+            if heads is not None:
+                w = PackedWeight(unpermute_rotary(w.data, heads), w.qtype, w.shape[1])
             sd[canon] = w
             continue
         w = torch.from_numpy(dequantize_gguf_tensor(t, str(path)))
-        if permuted and ".self_attn.q_proj." in canon:
-            w = unpermute_rotary(w, config.num_heads)
-        elif permuted and ".self_attn.k_proj." in canon:
-            w = unpermute_rotary(w, config.num_kv_heads)
+        heads = permuted_heads(canon, config, g.architecture)
+        if heads is not None:
+            w = unpermute_rotary(w, heads)
         sd[canon] = _finish(w, dtype, device)
     return sd

@@ -13,16 +13,18 @@ step runs it like Llama's (`Llama.forward_step`).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 from genfuse.kernels import layer_norm, unified_attention, write_kv_cache
 
-from ..config import ModelConfig
+from ..config import ConfigReader, ModelConfig, dtype_name, one_id
 from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     embedding,
     linear,
 )
+from .family import Family
 
 
 @dataclass
@@ -99,3 +101,109 @@ class GPT2:
         idx = inp.logits_indices
         x, _ = layer_norm(mlp_out[idx], *self.ln_f, c.norm_eps, residual=h[idx], backend=be)
         return linear(x, self.lm_head, backend=be).float()  # (S, vocab)
+
+
+# --------------------------------------------------------------------------- loading
+# What runtime/config.py and runtime/weights.py ask of the family (`family.Family`).
+
+
+def hf_config(r: ConfigReader, model_type: str) -> dict:
+    """config.json (gpt2) -> ModelConfig keyword arguments."""
+    hidden = r.dim("n_embd", "hidden_size")
+    heads = r.dim("n_head", "num_heads")
+    act = r.str("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{r.source}: gpt2 activation_function {act!r} is not supported (gelu_new)")
+    if (r.bool("scale_attn_by_inverse_layer_idx", False, null_ok=True)
+            or r.bool("reorder_and_upcast_attn", False, null_ok=True)):
+        raise ValueError(f"{r.source}: gpt2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+                         "are not supported")
+    if r.bool("scale_attn_weights", True, null_ok=True) is False:
+        raise ValueError(f"{r.source}: gpt2 scale_attn_weights=false is not supported")
+    return dict(
+        arch="gpt2",
+        vocab_size=r.dim("vocab_size", "vocab_size"),
+        hidden_size=hidden,
+        num_layers=r.dim("n_layer", "num_layers"),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=r.dim("n_inner", "intermediate_size", 4 * hidden, null_ok=True),
+        norm_eps=r.float("layer_norm_epsilon", 1e-5, positive=True),
+        max_position_embeddings=r.dim("n_positions", "max_position_embeddings", 1024),
+        tie_word_embeddings=r.bool("tie_word_embeddings", True),
+        attention_bias=True,
+        attention_out_bias=True,
+        mlp_bias=True,
+        hidden_act="gelu_tanh",
+        bos_token_id=one_id(r, "bos_token_id"),
+        eos_token_ids=r.token_ids("eos_token_id"),
+        model_type="gpt2",
+        torch_dtype=dtype_name(r),
+        extra=r.d,
+    )
+
+
+def gguf_config(r: ConfigReader, a: str, names: set, hidden: int, heads: int) -> dict:
+    return dict(
+        arch="gpt2", head_dim=hidden // heads,
+        intermediate_size=r.dim(a + "feed_forward_length", "intermediate_size", 4 * hidden),
+        norm_eps=r.float(a + "attention.layer_norm_epsilon", 1e-5, positive=True),
+        attention_bias=True, attention_out_bias=True, mlp_bias=True, hidden_act="gelu_tanh")
+
+
+def check_config(c: ModelConfig) -> None:
+    if c.num_heads * c.head_dim != c.hidden_size:
+        raise ValueError(f"gpt2: num_heads={c.num_heads} x head_dim={c.head_dim} != hidden_size={c.hidden_size}")
+
+
+def top_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h = c.hidden_size
+    return {"transformer.wte.weight": (c.vocab_size, h), "transformer.wpe.weight": (c.max_position_embeddings, h),
+            "transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)}
+
+
+def layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    h, inter = c.hidden_size, c.intermediate_size
+    p = f"transformer.h.{i}."
+    shapes = {p + f"{ln}.{x}": (h,) for ln in ("ln_1", "ln_2") for x in ("weight", "bias")}
+    for name, shape in (("attn.c_attn", (3 * h, h)), ("attn.c_proj", (h, h)),
+                        ("mlp.c_fc", (inter, h)), ("mlp.c_proj", (h, inter))):
+        shapes[p + f"{name}.weight"] = shape
+        shapes[p + f"{name}.bias"] = shape[:1]
+    return shapes
+
+
+_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+_CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
+def hf_name(name: str) -> str | None:
+    if _BUFFER.match(name):  # the causal-mask buffers older checkpoints carry
+        return None
+    if not name.startswith(("transformer.", "lm_head.")):  # saved from the bare GPT2Model
+        return "transformer." + name
+    return name
+
+
+def hf_tensor(canon: str, t: torch.Tensor, source: str) -> torch.Tensor:
+    """GPT-2's Conv1D stores (in, out): transposed to nn.Linear's (out, in). (llama.cpp writes
+    the GGUF matrices already transposed: no hook for GGUF.)"""
+    if not _CONV1D.search(canon):
+        return t
+    if t.dim() != 2:
+        raise ValueError(f"{source}: {canon} should be a 2-D Conv1D weight, has shape {tuple(t.shape)}")
+    return t.t()
+
+
+FAMILY = Family(
+    arch="gpt2", model=GPT2, hf_model_types=("gpt2",), gguf_archs=("gpt2",),
+    hf_config=hf_config, gguf_config=gguf_config, check_config=check_config,
+    top_shapes=top_shapes, layer_shapes=layer_shapes, hf_name=hf_name, hf_tensor=hf_tensor,
+    gguf_top={"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+              "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+              "output.weight": "lm_head.weight"},
+    gguf_block={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+                "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    layer_prefix="transformer.h",
+)

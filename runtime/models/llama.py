@@ -33,12 +33,13 @@ from genfuse.kernels import (
     write_kv_cache,
 )
 
-from ..config import ModelConfig
+from ..config import LIMITS, ConfigReader, ModelConfig, dtype_name, normalize_rope, one_id
 from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     cat_rows,
     embedding,
     linear,
 )
+from .family import Family
 
 # --------------------------------------------------------------------------- rotary tables
 
@@ -170,3 +171,151 @@ class Llama:
         idx = inp.logits_indices
         x, _ = rms_norm(mlp_out[idx], self.norm, c.norm_eps, residual=h[idx], backend=be)  # (S, hidden)
         return linear(x, self.lm_head, backend=be).float()  # (S, vocab)
+
+
+# --------------------------------------------------------------------------- loading
+# What runtime/config.py and runtime/weights.py ask of the family (`family.Family`).
+
+
+def hf_config(r: ConfigReader, model_type: str) -> dict:
+    """config.json (llama, mistral, qwen2) -> ModelConfig keyword arguments."""
+    heads = r.dim("num_attention_heads", "num_heads")
+    hidden = r.dim("hidden_size", "hidden_size")
+    max_pos = r.dim("max_position_embeddings", "max_position_embeddings",
+                    32768 if model_type == "mistral" else 2048)
+    window = r.int("sliding_window", None, lo=1, null_ok=True) if model_type == "mistral" else None
+    if window is not None:
+        # Mistral v0.1 ships sliding_window=4096; attention is only identical to full
+        # attention up to that length, so the runtime caps max positions there.
+        max_pos = min(max_pos, window)
+    if model_type == "qwen2" and r.bool("use_sliding_window", False, null_ok=True):
+        raise ValueError(f"{r.source}: qwen2 with use_sliding_window=true is not supported")
+    # transformers >= 5 folds theta and scaling into "rope_parameters"; older files use
+    # "rope_theta" + "rope_scaling".
+    rope_key = "rope_parameters" if r.d.get("rope_parameters") else "rope_scaling"
+    rope = r.dict(rope_key, {}, null_ok=True)
+    rr = ConfigReader(rope, r.source, path=rope_key + ".")
+    theta = r.float("rope_theta", None, positive=True, null_ok=True)
+    if theta is None:
+        theta = rr.float("rope_theta", 10000.0, positive=True)
+    if model_type == "qwen2":
+        attn_bias, out_bias = True, False  # Qwen2 has q/k/v bias, none on o_proj
+    else:
+        attn_bias = out_bias = r.bool("attention_bias", False)
+    act = r.str("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{r.source}: hidden_act {act!r} is not supported for {model_type} (only silu)")
+    head_dim = r.int("head_dim", None, lo=0, hi=LIMITS["head_dim"], null_ok=True)
+    return dict(
+        arch="llama",
+        vocab_size=r.dim("vocab_size", "vocab_size"),
+        hidden_size=hidden,
+        num_layers=r.dim("num_hidden_layers", "num_layers"),
+        num_heads=heads,
+        num_kv_heads=r.dim("num_key_value_heads", "num_kv_heads", heads, null_ok=True),
+        head_dim=head_dim or hidden // heads,  # transformers: `head_dim or hidden // heads`
+        intermediate_size=r.dim("intermediate_size", "intermediate_size"),
+        norm_eps=r.float("rms_norm_eps", 1e-6, positive=True),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=r.bool("tie_word_embeddings", False),
+        rope_theta=theta,
+        rope_scaling=normalize_rope(rr),
+        attention_bias=attn_bias,
+        attention_out_bias=out_bias,
+        mlp_bias=r.bool("mlp_bias", False),
+        hidden_act="silu",
+        bos_token_id=one_id(r, "bos_token_id"),
+        eos_token_ids=r.token_ids("eos_token_id"),
+        model_type=model_type,
+        torch_dtype=dtype_name(r),
+        extra=r.d,
+    )
+
+
+def gguf_config(r: ConfigReader, a: str, names: set, hidden: int, heads: int) -> dict:
+    """GGUF metadata (llama, qwen2) -> the family's ModelConfig keyword arguments."""
+    head_dim = (r.int(a + "attention.key_length", 0, lo=0, hi=LIMITS["head_dim"])
+                or r.int(a + "rope.dimension_count", 0, lo=0, hi=LIMITS["head_dim"]) or hidden // heads)
+    rope_scaling = None
+    scaling_type = r.str(a + "rope.scaling.type", None)
+    if "rope_freqs.weight" in names:
+        rope_scaling = {"rope_type": "freq_factors"}
+    elif scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": r.float(a + "rope.scaling.factor", positive=True)}
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"{r.source}: GGUF rope.scaling.type {scaling_type!r} is not supported")
+    return dict(
+        arch="llama", head_dim=head_dim,
+        intermediate_size=r.dim(a + "feed_forward_length", "intermediate_size"),
+        norm_eps=r.float(a + "attention.layer_norm_rms_epsilon", 1e-6, positive=True),
+        rope_theta=r.float(a + "rope.freq_base", 10000.0, positive=True),
+        rope_scaling=rope_scaling,
+        attention_bias="blk.0.attn_q.bias" in names,
+        attention_out_bias="blk.0.attn_output.bias" in names,
+        mlp_bias="blk.0.ffn_up.bias" in names,
+        hidden_act="silu")
+
+
+def check_config(c: ModelConfig) -> None:
+    if c.head_dim % 2:
+        raise ValueError(f"rotary needs an even head_dim, got {c.head_dim}")
+
+
+def top_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+    if c.rope_scaling is not None and c.rope_scaling["rope_type"] == "freq_factors":
+        shapes["model.rope_freqs"] = (c.head_dim // 2,)
+    return shapes
+
+
+def layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    h, inter = c.hidden_size, c.intermediate_size
+    p = f"model.layers.{i}."
+    shapes = {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+    for proj, rows in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size)):
+        shapes[p + f"self_attn.{proj}_proj.weight"] = (rows, h)
+        if c.attention_bias:
+            shapes[p + f"self_attn.{proj}_proj.bias"] = (rows,)
+    shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
+    if c.attention_out_bias:
+        shapes[p + "self_attn.o_proj.bias"] = (h,)
+    for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
+        shapes[p + f"mlp.{proj}_proj.weight"] = shape
+        if c.mlp_bias:
+            shapes[p + f"mlp.{proj}_proj.bias"] = shape[:1]
+    return shapes
+
+
+def hf_name(name: str) -> str | None:
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    if name.startswith(("layers.", "embed_tokens.", "norm.")):  # saved from the bare LlamaModel
+        return "model." + name
+    return name
+
+
+def gguf_permuted_heads(canon: str, c: ModelConfig, gguf_arch: str) -> int | None:
+    """llama.cpp permutes q/k rows only for arch "llama" (Llama, Mistral, SmolLM2); qwen2 uses
+    the NeoX rotary layout and is stored as in HF."""
+    if gguf_arch != "llama":
+        return None
+    if ".self_attn.q_proj." in canon:
+        return c.num_heads
+    if ".self_attn.k_proj." in canon:
+        return c.num_kv_heads
+    return None
+
+
+FAMILY = Family(
+    arch="llama", model=Llama, hf_model_types=("llama", "mistral", "qwen2"), gguf_archs=("llama", "qwen2"),
+    hf_config=hf_config, gguf_config=gguf_config, check_config=check_config,
+    top_shapes=top_shapes, layer_shapes=layer_shapes, hf_name=hf_name,
+    gguf_top={"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight", "rope_freqs.weight": "model.rope_freqs"},
+    gguf_block={"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"},
+    layer_prefix="model.layers",
+    gguf_permuted_heads=gguf_permuted_heads,
+)

@@ -1,0 +1,40 @@
+"""What a model family declares, once, for every part of the runtime that depends on it.
+
+`runtime/config.py`, `runtime/weights.py` and `runtime/loader.py` hold no architecture branches:
+they ask the `Family` record of ``config.arch`` (``FAMILIES`` in ``runtime/models/__init__.py``).
+A family file (``llama.py`` is the template) ends with one ``FAMILY = Family(...)``; adding a
+family is that file and one line in ``FAMILIES`` (docs/architecture.md, "Adding a model family").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # ModelConfig.arch
+    model: type  # from_state_dict(config, sd, backend=), setup_rope(max_len), forward_step(inp, k, v)
+    hf_model_types: tuple[str, ...]  # config.json "model_type" values this family runs
+    gguf_archs: tuple[str, ...]  # GGUF "general.architecture" values this family runs
+    # config.json (a `config.ConfigReader`, its model_type) -> ModelConfig keyword arguments
+    hf_config: Callable[[Any, str], dict]
+    # GGUF metadata (a ConfigReader, the "<arch>." key prefix, the tensor names, hidden size and
+    # heads already read) -> the family's own ModelConfig keyword arguments
+    gguf_config: Callable[[Any, str, set, int, int], dict]
+    check_config: Callable[[Any], None]  # the family's own ModelConfig checks (ValueError)
+    top_shapes: Callable[[Any], Shapes]  # canonical non-layer tensors and their shapes
+    layer_shapes: Callable[[Any, int], Shapes]  # layer i's canonical tensors
+    hf_name: Callable[[str], str | None]  # a safetensors key -> canonical name (None: drop it)
+    gguf_top: dict[str, str]  # GGUF name -> canonical name, outside the blocks
+    gguf_block: dict[str, str]  # "attn_q" -> "self_attn.q_proj" (inside layer_prefix.{i}.)
+    layer_prefix: str  # "model.layers"
+    # a loaded safetensors tensor, by canonical name -> the tensor the model reads
+    hf_tensor: Callable[[str, torch.Tensor, str], torch.Tensor] = lambda canon, t, source: t
+    # GGUF rows to un-permute (llama.cpp's rotary layout): canonical name, config, GGUF arch ->
+    # the number of heads to un-permute over, or None
+    gguf_permuted_heads: Callable[[str, Any, str], int | None] = lambda canon, config, gguf_arch: None
