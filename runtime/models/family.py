@@ -1,4 +1,5 @@
-"""What a model family declares, once, for every part of the runtime that depends on it.
+"""What a model family declares, once, for every part of the runtime that depends on it, and the
+step plumbing every family shares (`attend`: the paged KV write and attention of one layer).
 
 `runtime/config.py`, `runtime/weights.py` and `runtime/loader.py` hold no architecture branches:
 they ask the `Family` record of ``config.arch`` (``FAMILIES`` in ``runtime/models/__init__.py``).
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from genfuse.kernels import unified_attention, write_kv_cache
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -38,3 +40,18 @@ class Family:
     # GGUF rows to un-permute (llama.cpp's rotary layout): canonical name, config, GGUF arch ->
     # the number of heads to un-permute over, or None
     gguf_permuted_heads: Callable[[str, Any, str], int | None] = lambda canon, config, gguf_arch: None
+
+
+# --------------------------------------------------------------------------- shared step plumbing
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, inp, k_pool: torch.Tensor,
+           v_pool: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """Layer ``layer``'s paged attention in an engine step, the same for every family: the step's
+    new K/V ``(N, Hkv, D)`` go into the pools through the slot mapping, then every query
+    ``(N, Hq, D)`` attends to its sequence's cached prefix and itself (causal, bottom-right).
+    The engine built the tables (`engine.kv_cache.StepInputs`), so the data checks are skipped.
+    Returns ``(N, Hq, D)``."""
+    write_kv_cache(k, v, k_pool[layer], v_pool[layer], inp.slot_mapping, validate=False, backend=backend)
+    return unified_attention(q, k_pool[layer], v_pool[layer], inp.block_table, inp.seq_lens, inp.query_start_loc,
+                             max_query_len=inp.max_query_len, validate=False, backend=backend)

@@ -17,14 +17,14 @@ import re
 from dataclasses import dataclass
 
 import torch
-from genfuse.kernels import layer_norm, unified_attention, write_kv_cache
+from genfuse.kernels import layer_norm
 
 from ..config import ConfigReader, ModelConfig, dtype_name, one_id
 from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     embedding,
     linear,
 )
-from .family import Family
+from .family import Family, attend
 
 
 @dataclass
@@ -91,9 +91,7 @@ class GPT2:
                 x, h = layer_norm(mlp_out, *blk.ln_1, c.norm_eps, residual=h, backend=be)
             qkv = linear(x, blk.w_qkv, blk.b_qkv, backend=be)  # (N, 3 * hidden)
             q, k, v = (qkv[:, j * H:(j + 1) * H].view(N, c.num_heads, c.head_dim) for j in range(3))
-            write_kv_cache(k, v, k_pool[i], v_pool[i], inp.slot_mapping, validate=False, backend=be)
-            y = unified_attention(q, k_pool[i], v_pool[i], inp.block_table, inp.seq_lens, inp.query_start_loc,
-                                  max_query_len=inp.max_query_len, validate=False, backend=be)  # (N, nh, hd)
+            y = attend(q, k, v, i, inp, k_pool, v_pool, be)  # (N, nh, hd)
             h = linear(y.reshape(N, H), blk.w_o, blk.b_o, residual=h, backend=be)
             x = layer_norm(h, *blk.ln_2, c.norm_eps, backend=be)
             x = linear(x, blk.w_fc, blk.b_fc, activation="gelu_tanh", backend=be)  # (N, inter)

@@ -29,8 +29,6 @@ from genfuse.kernels import (
     rope_cos_sin,
     rotary_embedding,
     swiglu,
-    unified_attention,
-    write_kv_cache,
 )
 
 from ..config import LIMITS, ConfigReader, ModelConfig, dtype_name, normalize_rope, one_id
@@ -39,7 +37,7 @@ from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     embedding,
     linear,
 )
-from .family import Family
+from .family import Family, attend
 
 # --------------------------------------------------------------------------- rotary tables
 
@@ -161,9 +159,7 @@ class Llama:
             q, k = rotary_embedding(q.transpose(0, 1)[None], k.transpose(0, 1)[None], self.cos, self.sin,
                                     inp.positions, validate=False, backend=be)  # (1, H, N, D)
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)  # (N, H, D) views
-            write_kv_cache(k, v, k_pool[i], v_pool[i], inp.slot_mapping, validate=False, backend=be)
-            y = unified_attention(q, k_pool[i], v_pool[i], inp.block_table, inp.seq_lens, inp.query_start_loc,
-                                  max_query_len=inp.max_query_len, validate=False, backend=be)  # (N, Hq, D)
+            y = attend(q, k, v, i, inp, k_pool, v_pool, be)  # (N, Hq, D): write the pools, then attend
             h = linear(y.reshape(N, c.q_size), lw.w_o, lw.b_o, residual=h, backend=be)
             x = rms_norm(h, lw.post_norm, c.norm_eps, backend=be)
             gu = linear(x, lw.w_gate_up, lw.b_gate_up, backend=be)  # (N, 2 * inter)
