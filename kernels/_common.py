@@ -312,3 +312,86 @@ def rows(t: torch.Tensor, last: int) -> torch.Tensor:
         return t.view(-1, last)
     except RuntimeError:
         return t.reshape(-1, last)  # copy: leading dims are not collapsible into one stride
+
+
+# --------------------------------------------------------------------------------------
+# Block-size settings of the row-wise kernels (norms, SwiGLU): rows of N columns in tiles of
+# (BLOCK_M, BLOCK_N), BLOCK_N the row rounded up to a power of two (capped), short rows stacked
+# until a program holds about ``elems`` elements, warps chosen by the tile's element count.
+# --------------------------------------------------------------------------------------
+def row_tile(m: int, n: int, *, elems: int = 4096, max_block_n: Optional[int] = None) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for an (m, n) row-wise launch."""
+    block_n = next_power_of_2(n) if max_block_n is None else min(next_power_of_2(n), max_block_n)
+    block_m = min(max(1, elems // block_n), next_power_of_2(m))
+    return block_m, block_n
+
+
+def warps_for(elems: int, steps: Sequence[Tuple[int, int]], last: int) -> int:
+    """The warps of the first ``(limit, warps)`` step with ``elems <= limit``, else ``last``."""
+    for limit, warps in steps:
+        if elems <= limit:
+            return warps
+    return last
+
+
+# --------------------------------------------------------------------------------------
+# The activation epilogue of the GEMM-like kernels (linear, conv2d, conv_transpose2d): one
+# table of names, one jit function, one torch twin. ``ACTIVATION`` is a string constexpr
+# ("" for none), so every branch but the chosen one compiles away.
+# --------------------------------------------------------------------------------------
+import triton  # noqa: E402  (below: the module's torch-only helpers above need no triton)
+import triton.language as tl  # noqa: E402
+
+EPILOGUES = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu")
+
+
+def check_activation(activation: Optional[str], allowed: Sequence[Optional[str]]) -> str:
+    """``activation`` as the kernels' constexpr ("" for None); ValueError outside ``allowed``."""
+    if activation not in allowed:
+        raise ValueError(f"activation must be one of {tuple(allowed)}, got {activation!r}")
+    return activation or ""
+
+
+@triton.jit
+def epilogue(x, ACTIVATION: tl.constexpr, negative_slope):
+    """Apply the constexpr ACTIVATION (a name of ``EPILOGUES``, "" for none) to an fp32 tile."""
+    if ACTIVATION == "relu":
+        # not tl.maximum: it returns the non-NaN operand, and relu(NaN) must stay NaN (torch)
+        x = tl.where(x < 0.0, 0.0, x)
+    elif ACTIVATION == "gelu":  # exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":  # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+        # 0.5 (1 + tanh(u)) == sigmoid(2u): one sigmoid, saturates cleanly for large |x|
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == "silu":
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == "tanh":  # tanh(x) = 2 sigmoid(2x) - 1 (no tl.tanh in core; saturates to +-1)
+        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    elif ACTIVATION == "sigmoid":
+        x = tl.sigmoid(x)
+    elif ACTIVATION == "leaky_relu":
+        x = tl.where(x >= 0.0, x, x * negative_slope)
+    return x
+
+
+def epilogue_reference(y: torch.Tensor, activation: Optional[str], negative_slope: float = 0.0) -> torch.Tensor:
+    """The torch twin of :func:`epilogue`."""
+    F = torch.nn.functional
+    if not activation:
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "tanh":
+        return torch.tanh(y)
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    raise ValueError(f"activation must be one of {EPILOGUES}, got {activation!r}")

@@ -36,26 +36,8 @@ import triton.language as tl
 
 from . import _common
 
-ACTIVATIONS = (None, "relu", "silu", "tanh", "sigmoid", "leaky_relu")
+ACTIVATIONS = (None, "relu", "silu", "tanh", "sigmoid", "leaky_relu")  # a subset of _common.EPILOGUES
 IntPair = Union[int, Tuple[int, int]]
-
-
-@triton.jit
-def _activation(x, ACTIVATION: tl.constexpr, negative_slope):
-    """Apply the epilogue activation to an fp32 tile (``ACTIVATION`` compiles the branch away)."""
-    if ACTIVATION == "relu":
-        # not tl.maximum: it returns the non-NaN operand, and relu(NaN) must stay NaN (torch)
-        x = tl.where(x < 0.0, 0.0, x)
-    elif ACTIVATION == "silu":
-        x = x * tl.sigmoid(x)
-    elif ACTIVATION == "tanh":
-        # triton.language has no tanh: tanh(x) = 2 * sigmoid(2x) - 1 (saturates cleanly to +-1)
-        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
-    elif ACTIVATION == "sigmoid":
-        x = tl.sigmoid(x)
-    elif ACTIVATION == "leaky_relu":
-        x = tl.where(x >= 0.0, x, x * negative_slope)
-    return x
 
 
 @triton.jit
@@ -134,7 +116,7 @@ def _conv2d_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_k * sb, mask=k_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    acc = _activation(acc, ACTIVATION, negative_slope)
+    acc = _common.epilogue(acc, ACTIVATION, negative_slope)
     tile_ok = m_ok[:, None] & k_ok[None, :]
     if HAS_RESIDUAL:
         r_ptrs = (res_ptr + n_idx.to(tl.int64) * srn + oh * srh + ow * srw)[:, None] + offs_k[None, :] * srk
@@ -232,8 +214,7 @@ def _pair(name: str, v: IntPair, minimum: int) -> Tuple[int, int]:
 
 def _check_activation(activation: Optional[str], negative_slope: object) -> float:
     """The epilogue's activation name and leaky_relu slope (any finite real), as a float."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _common.check_activation(activation, ACTIVATIONS)
     return _common.check_real("negative_slope", negative_slope)
 
 
@@ -346,19 +327,7 @@ def conv2d(
 # Reference
 # --------------------------------------------------------------------------------------
 def _activation_reference(y: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
-    if activation is None:
-        return y
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "tanh":
-        return torch.tanh(y)
-    if activation == "sigmoid":
-        return torch.sigmoid(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _common.epilogue_reference(y, activation, negative_slope)
 
 
 def conv2d_reference(x, weight, bias=None, *, stride=1, padding=0, upsample=1, activation=None,

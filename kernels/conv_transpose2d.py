@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from .conv2d import (IntPair, _activation, _activation_reference, _check_activation, _out_like, _pair,
+from .conv2d import (IntPair, _activation_reference, _check_activation, _out_like, _pair,
                      _prune_tiles)
 from .conv2d import fold_batchnorm  # noqa: F401  (re-export; see the module docstring)
 
@@ -141,7 +141,7 @@ def _conv_transpose2d_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_o * sb, mask=o_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    acc = _activation(acc, ACTIVATION, negative_slope)
+    acc = _common.epilogue(acc, ACTIVATION, negative_slope)
     oh = qh + STRIDE_H * i
     ow = qw + STRIDE_W * j
     o_ptrs = (out_ptr + n_idx.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + offs_o[None, :] * soc

@@ -34,35 +34,13 @@ import triton.language as tl
 
 from . import _common
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh")
-# constexpr codes for the kernels (ints rather than strings: the most portable constexpr)
-_ACT_CODE = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "tanh": 5}
-
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh")  # a subset of _common.EPILOGUES
 SMALL_M = 16  # rows handled by the decode kernel; also its padded tl.dot M tile
 
 
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _activation(x, ACTIVATION: tl.constexpr):
-    """Apply the constexpr ACTIVATION to an fp32 tile (codes as in ``_ACT_CODE``)."""
-    if ACTIVATION == 1:  # relu
-        # not tl.maximum: it returns the non-NaN operand, and relu(NaN) must stay NaN (torch)
-        x = tl.where(x < 0.0, 0.0, x)
-    elif ACTIVATION == 2:  # gelu, exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
-        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACTIVATION == 3:  # gelu_tanh: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
-        # 0.5 (1 + tanh(u)) == sigmoid(2u): one sigmoid, saturates cleanly for large |x|
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = x * tl.sigmoid(2.0 * u)
-    elif ACTIVATION == 4:  # silu
-        x = x * tl.sigmoid(x)
-    elif ACTIVATION == 5:  # tanh(x) = 2 sigmoid(2x) - 1 (there is no tl.tanh in core)
-        x = 2.0 * tl.sigmoid(2.0 * x) - 1.0
-    return x
-
-
 @triton.jit
 def _epilogue_store(acc, rm, rn, M, N,
                     b_ptr, r_ptr, out_ptr,
@@ -73,7 +51,7 @@ def _epilogue_store(acc, rm, rn, M, N,
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn * stride_b, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    acc = _activation(acc, ACTIVATION)
+    acc = _common.epilogue(acc, ACTIVATION, 0.0)
     mask = (rm[:, None] < M) & mask_n[None, :]
     # int64 row/column offsets: M*N (or a transposed residual's stride times N) can pass 2^31
     rm64 = rm.to(tl.int64)
@@ -306,25 +284,6 @@ _linear_small_m_tuned = triton.autotune(
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
-def _rows(t: torch.Tensor, last: int) -> torch.Tensor:
-    """``t`` (..., last) as a 2-D (rows, last) tensor, a view whenever the strides allow.
-
-    2-D tensors pass through with any strides (the kernels take both strides); 1-D becomes one
-    row. For >2-D, ``view`` works whenever the leading dims collapse into one stride (any
-    contiguous tensor, slices along the last dim, ...). Otherwise (e.g. a slice along a middle
-    dim, or a broadcast ``expand`` of the batch) we make one documented copy with ``reshape``
-    rather than teach the kernels an arbitrary number of batch strides.
-    """
-    if t.dim() == 2:
-        return t
-    if t.dim() == 1:
-        return t.unsqueeze(0)
-    try:
-        return t.view(-1, last)
-    except RuntimeError:
-        return t.reshape(-1, last)  # copy: leading dims are not collapsible into one stride
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
            backend: Optional[str] = None) -> torch.Tensor:
@@ -354,8 +313,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if residual is not None:
         _common.check_tensor("residual", residual)
     _common.check_same("x", x, weight=weight, bias=bias, residual=residual)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    act = _common.check_activation(activation, ACTIVATIONS)
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features (last dim of shape {tuple(x.shape)}) "
@@ -376,8 +334,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     out = _common.empty((m, n), x.dtype, x.device)  # (M, N), contiguous
     if m == 0 or n == 0:
         return out.view(out_shape)
-    x2 = _rows(x, k)                                           # (M, K)
-    r2 = _rows(residual, n) if residual is not None else out   # (M, N); out is a never-read dummy
+    x2 = _common.rows(x, k)                                           # (M, K)
+    r2 = _common.rows(residual, n) if residual is not None else out   # (M, N); out is a never-read dummy
     b = bias if bias is not None else out                      # never read when HAS_BIAS=False
     args = (x2, weight, b, r2, out, m, n, k)
     strides = (x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
@@ -385,7 +343,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                r2.stride(0) if residual is not None else 0, r2.stride(1) if residual is not None else 0,
                out.stride(0), out.stride(1))
     flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                 ACTIVATION=_ACT_CODE[activation])
+                 ACTIVATION=act)
 
     if m <= SMALL_M:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -402,20 +360,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 # --------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------
-_TORCH_ACT = {
-    None: lambda y: y,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-    "silu": F.silu,
-    "tanh": torch.tanh,
-}
-
-
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                      activation: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The unfused torch sequence: ``act(F.linear(x, weight, bias)) + residual`` (any dtype)."""
-    y = _TORCH_ACT[activation](F.linear(x, weight, bias))  # (..., N)
+    y = _common.epilogue_reference(F.linear(x, weight, bias), activation)  # (..., N)
     if residual is not None:
         y = y + residual
     return y

@@ -95,23 +95,9 @@ def _launch_settings(n: int, m: int) -> Tuple[int, int, int]:
     if n > MAX_N:
         raise ValueError(f"x has {n} columns; the Triton norm kernels hold one row in registers "
                          f"and support at most {MAX_N} (use backend='torch')")
-    block_n = _common.next_power_of_2(n)
-    block_m = min(max(1, 4096 // block_n), _common.next_power_of_2(m))
-    elems = block_m * block_n
-    num_warps = 4 if elems <= 4096 else 8 if elems <= 8192 else 16 if elems <= 32768 else 32
+    block_m, block_n = _common.row_tile(m, n, elems=4096)
+    num_warps = _common.warps_for(block_m * block_n, ((4096, 4), (8192, 8), (32768, 16)), 32)
     return block_m, block_n, num_warps
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` as an (M, N) tensor: a view whenever the leading dims can be merged.
-
-    2-D inputs are always used as they are, whatever their strides. A >2-D input whose leading
-    dims cannot be merged into one row stride (e.g. a permuted 4-D tensor) is copied once by
-    ``reshape``: the only copy on this path, documented rather than hidden.
-    """
-    if t.dim() == 2:
-        return t
-    return t.reshape(-1, n)
 
 
 def _check_inputs(x, weight, bias, residual, eps) -> float:
@@ -134,12 +120,12 @@ def _check_inputs(x, weight, bias, residual, eps) -> float:
 
 def _norm(x, weight, bias, eps, residual, is_rms):
     n = x.shape[-1]
-    x2 = _rows(x, n)
+    x2 = _common.rows(x, n)  # a 2-D x keeps its strides; others a view when one exists
     m = x2.shape[0]
     y = _common.empty((m, n), x.dtype, x.device)
     h = _common.empty((m, n), x.dtype, x.device) if residual is not None else None
     if m > 0:
-        r2 = _rows(residual, n) if residual is not None else x2  # dummy pointer when unused
+        r2 = _common.rows(residual, n) if residual is not None else x2  # dummy pointer when unused
         block_m, block_n, num_warps = _launch_settings(n, m)
         grid = (triton.cdiv(m, block_m),)
         _common.launch(_norm_fwd_kernel, None, grid,

@@ -56,9 +56,8 @@ def _launch_settings(m: int, n: int) -> Tuple[int, int, int]:
     coalesced loads; short rows are stacked so a program still moves ~24 KiB (bf16), enough
     bytes in flight per SM to stream at HBM bandwidth with a few programs resident.
     """
-    block_n = min(_common.next_power_of_2(n), 1024)
-    block_m = min(max(1, 4096 // block_n), _common.next_power_of_2(m))
-    num_warps = 8 if block_m * block_n >= 4096 else 4
+    block_m, block_n = _common.row_tile(m, n, elems=4096, max_block_n=1024)
+    num_warps = _common.warps_for(block_m * block_n, ((4095, 4),), 8)
     return block_m, block_n, num_warps
 
 
@@ -79,7 +78,7 @@ def swiglu(x: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
 
     n2 = x.shape[-1]
     n = n2 // 2
-    x2 = x if x.dim() == 2 else x.reshape(-1, n2)           # a view whenever one exists
+    x2 = _common.rows(x, n2)                                 # a view whenever one exists
     m = x2.shape[0]
     y = _common.empty((m, n), x.dtype, x.device)
     if m > 0:
