@@ -1,8 +1,8 @@
 """The HTTP server under load: throughput, time to first token and inter-token latency.
 
     genfuse bench serve [--url URL | --model M] [--concurrency 1,4,16,64] [--rate R]
-                        [--requests-per-level N] [--prompt-words 8:96] [--output-tokens 16:128]
-                        [--threads 2] [--llama-cpp PYTHON] [--seed 0] [--json results.json]
+                        [--requests-per-level N] [--prompt-words 8:96] [--output-tokens 16:64]
+                        [--threads 1] [--llama-cpp PYTHON] [--seed 0] [--json results.json]
 
 This process is the load generator only (asyncio + httpx); the servers run in their own
 processes. Without ``--url`` it starts ``genfuse serve MODEL`` itself (port 0, torch and the C++
@@ -55,10 +55,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--rate", type=float, default=None,
                    help="requests/s (Poisson) instead of fixed concurrency: one level at this rate")
     p.add_argument("--requests-per-level", type=int, default=None,
-                   help="requests per level (default: max(8, 2 x concurrency))")
+                   help="requests per level (default: max(8, concurrency))")
     p.add_argument("--prompt-words", default="8:96", help="MIN:MAX words per prompt (default 8:96)")
-    p.add_argument("--output-tokens", default="16:128", help="MIN:MAX max_tokens (default 16:128)")
-    p.add_argument("--threads", type=int, default=2, help="threads for each server (default 2)")
+    p.add_argument("--output-tokens", default="16:64", help="MIN:MAX max_tokens (default 16:64)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for each server (default 1: on a shared 2-core machine torch's 2-thread pool "
+                        "waits on descheduled threads, 5-10x slower steps)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="genfuse serve --num-kv-blocks")
     p.add_argument("--llama-cpp", default=None, metavar="PYTHON",
                    help="also run llama.cpp's server with this Python (one with llama-cpp-python[server])")
@@ -95,8 +97,7 @@ def percentiles(xs: list[float]) -> dict:
 
 
 async def _one(client, model: str, req: dict, extra: dict) -> dict:
-    import httpx  # noqa: F401  (the client is an httpx.AsyncClient)
-
+    """One streamed request on ``client`` (an httpx.AsyncClient): its TTFT, gaps, tokens."""
     body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
@@ -120,14 +121,18 @@ async def _one(client, model: str, req: dict, extra: dict) -> dict:
     end = time.perf_counter()
     if error:
         return {"error": error}
+    tokens = tokens if tokens is not None else len(stamps)
+    if tokens != req["max_tokens"]:  # EOS is suppressed: anything shorter was cut (a server's fault)
+        return {"error": f"{tokens} tokens instead of max_tokens={req['max_tokens']}"}
     return {"ttft": (stamps[0] - t0) if stamps else None, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
-            "e2e": end - t0, "tokens": tokens if tokens is not None else len(stamps), "chunks": len(stamps)}
+            "e2e": end - t0, "tokens": tokens, "chunks": len(stamps)}
 
 
 async def run_level(url: str, model: str, reqs: list[dict], extra: dict, *, concurrency: int | None,
                     rate: float | None, seed: int) -> dict:
     import httpx
 
+    load0 = os.getloadavg()[0]
     limits = httpx.Limits(max_connections=max(concurrency or 0, 256), max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
         t0 = time.perf_counter()
@@ -156,7 +161,7 @@ async def run_level(url: str, model: str, reqs: list[dict], extra: dict, *, conc
             "output_tokens_per_s": tokens / wall, "requests_per_s": len(ok) / wall,
             "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
             "itl_s": percentiles([g for r in ok for g in r["itl"]]),
-            "e2e_s": percentiles([r["e2e"] for r in ok])}
+            "e2e_s": percentiles([r["e2e"] for r in ok]), "loadavg_1min": [load0, os.getloadavg()[0]]}
 
 
 # --------------------------------------------------------------------------- the servers
@@ -227,7 +232,10 @@ def start_llama_cpp(python: str, gguf: Path, threads: int) -> _Launched:
         port = sock.getsockname()[1]
     cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--n_ctx", "8192", "--n_threads", str(threads), "--n_threads_batch", str(threads),
-           "--model_alias", "llama-cpp"]
+           "--model_alias", "llama-cpp",
+           # its default interrupts the running request whenever a new one arrives (they end after a
+           # token or two): off, requests queue behind each other, each run to the end
+           "--interrupt_requests", "False"]
     url = f"http://127.0.0.1:{port}"
 
     def ready(s):
@@ -251,7 +259,7 @@ def bench_server(name: str, url: str, model: str, extra: dict, args, levels) -> 
                           rate=None, seed=args.seed))  # warm-up
     res = []
     for i, level in enumerate(levels):
-        n = args.requests_per_level or max(8, 2 * (level or 4))
+        n = args.requests_per_level or max(8, level or 16)
         reqs = request_mix(n, args.seed + i, words, out)
         r = asyncio.run(run_level(url, model, reqs, extra, concurrency=None if args.rate else level,
                                   rate=args.rate, seed=args.seed + i))

@@ -88,6 +88,11 @@ class AsyncEngine:
         return len(self._queues)
 
     @property
+    def dead(self) -> BaseException | None:
+        """Why the engine stopped (a failed step, or `shutdown`); None while it runs."""
+        return self._dead
+
+    @property
     def stats(self) -> EngineStats:
         """The engine's `EngineStats` as of the end of the last loop turn (taken in the worker
         thread, so it never races a step; aborts and adds are applied before it is taken)."""

@@ -37,7 +37,7 @@ class ServerProcess:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, listen_timeout: float = 90, ready_timeout: float = 180) -> "ServerProcess":
+    def start(self, listen_timeout: float = 90, ready_timeout: float = 180, wait_ready: bool = True) -> "ServerProcess":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "genfuse", "serve", *self.args], env=env,
@@ -45,6 +45,8 @@ class ServerProcess:
         threading.Thread(target=self._read, daemon=True).start()
         if not self._listening.wait(listen_timeout):
             self.fail(f"did not listen within {listen_timeout} s")
+        if not wait_ready:
+            return self
         deadline = time.monotonic() + ready_timeout
         with httpx.Client(timeout=5) as c:
             while not self._ready.is_set():  # /health while the model loads

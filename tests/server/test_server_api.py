@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import ServerProcess, parse_metrics, sse_events, wait_until
+from server_helpers import ServerProcess, sse_events, wait_until
 
 from genfuse.runtime.sampling import SamplingParams
 

@@ -134,6 +134,17 @@ def test_sigterm_while_requests_run_exits_0(server):
     assert "Traceback" not in server.log()
 
 
+def test_sigterm_while_loading_exits_0():
+    s = ServerProcess().start(wait_ready=False)
+    with httpx.Client(base_url=s.url, timeout=10) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+        r = c.post("/v1/completions", json={"prompt": "Hi"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert s.stop() == 0
+    assert not any(" ready at " in line for line in s.lines)
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
