@@ -444,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     serve_bench.build_parser(p_bs)
     p_bs.set_defaults(func=lambda args: serve_bench.main(args=args))
+    from genfuse.bench import accelerate_bench
+
+    p_ba = bench_sub.add_parser("accelerate", help="transformers generate: eager vs genfuse.accelerate vs compiled; "
+                                "custom-op call overhead", description=accelerate_bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    accelerate_bench.build_parser(p_ba)
+    p_ba.set_defaults(func=lambda args: accelerate_bench.main(args=args))
     _add_image_parser(sub)
     _add_llm_parsers(sub)
     _add_serve_parser(sub)
