@@ -2,13 +2,15 @@
 
     genfuse bench serve [--url URL | --model M] [--concurrency 1,4,16,64] [--rate R]
                         [--requests-per-level N] [--prompt-words 8:96] [--output-tokens 16:64]
-                        [--threads 1] [--llama-cpp PYTHON] [--seed 0] [--json results.json]
+                        [--threads 1] [--llama-cpp PYTHON] [--in-process] [--seed 0] [--json results.json]
 
 This process is the load generator only (asyncio + httpx); the servers run in their own
 processes. Without ``--url`` it starts ``genfuse serve MODEL`` itself (port 0, torch and the C++
 kernels on ``--threads`` threads) and, with ``--llama-cpp PYTHON`` (a Python that has
 ``llama-cpp-python[server]``), llama.cpp's OpenAI server (``python -m llama_cpp.server``) on
 the same GGUF with the same threads, one after the other, and reports the ratios.
+``--in-process`` then runs the same levels straight on `AsyncEngine` inside this process (no
+HTTP, no JSON, the same engine defaults): the server's own cost is the ratio to that.
 
 The request mix is seeded: each request's prompt is ``--prompt-words`` random English words
 and its ``max_tokens`` is drawn from ``--output-tokens``; generation never stops early (EOS
@@ -64,6 +66,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--num-kv-blocks", type=int, default=None, help="genfuse serve --num-kv-blocks")
     p.add_argument("--llama-cpp", default=None, metavar="PYTHON",
                    help="also run llama.cpp's server with this Python (one with llama-cpp-python[server])")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run the same levels straight on AsyncEngine in this process (no HTTP): what the "
+                        "server costs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     return p
@@ -128,31 +133,27 @@ async def _one(client, model: str, req: dict, extra: dict) -> dict:
             "e2e": end - t0, "tokens": tokens, "chunks": len(stamps)}
 
 
-async def run_level(url: str, model: str, reqs: list[dict], extra: dict, *, concurrency: int | None,
-                    rate: float | None, seed: int) -> dict:
-    import httpx
-
+async def _drive(one, reqs: list[dict], *, concurrency: int | None, rate: float | None, seed: int) -> dict:
+    """Send ``reqs`` through ``one(req)`` at fixed concurrency or a Poisson rate; the level's stats."""
     load0 = os.getloadavg()[0]
-    limits = httpx.Limits(max_connections=max(concurrency or 0, 256), max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
-        t0 = time.perf_counter()
-        if rate is None:
-            queue = list(reversed(reqs))
-            results = []
+    t0 = time.perf_counter()
+    if rate is None:
+        queue = list(reversed(reqs))
+        results = []
 
-            async def worker():
-                while queue:
-                    results.append(await _one(client, model, queue.pop(), extra))
+        async def worker():
+            while queue:
+                results.append(await one(queue.pop()))
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        else:
-            rng = random.Random(seed + 1)
-            tasks = []
-            for req in reqs:
-                tasks.append(asyncio.create_task(_one(client, model, req, extra)))
-                await asyncio.sleep(rng.expovariate(rate))
-            results = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:
+        rng = random.Random(seed + 1)
+        tasks = []
+        for req in reqs:
+            tasks.append(asyncio.create_task(one(req)))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     tokens = sum(r["tokens"] for r in ok)
@@ -162,6 +163,38 @@ async def run_level(url: str, model: str, reqs: list[dict], extra: dict, *, conc
             "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
             "itl_s": percentiles([g for r in ok for g in r["itl"]]),
             "e2e_s": percentiles([r["e2e"] for r in ok]), "loadavg_1min": [load0, os.getloadavg()[0]]}
+
+
+async def run_level(url: str, model: str, reqs: list[dict], extra: dict, *, concurrency: int | None,
+                    rate: float | None, seed: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(concurrency or 0, 256), max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
+        return await _drive(lambda req: _one(client, model, req, extra), reqs, concurrency=concurrency,
+                            rate=rate, seed=seed)
+
+
+async def run_level_in_process(aengine, reqs: list[dict], *, concurrency: int | None, rate: float | None,
+                               seed: int) -> dict:
+    """The same level straight on `AsyncEngine` in this process (no HTTP, no JSON): the
+    baseline that shows what the server itself costs."""
+    from genfuse.runtime.sampling import SamplingParams
+
+    async def one(req):
+        params = SamplingParams(max_tokens=req["max_tokens"], temperature=0, ignore_eos=True)
+        t0 = time.perf_counter()
+        stamps, tokens = [], 0
+        async for out in aengine.generate(req["prompt"], params):
+            if out.new_text:
+                stamps.append(time.perf_counter())
+            tokens = len(out.token_ids)
+        if tokens != req["max_tokens"]:
+            return {"error": f"{tokens} tokens instead of max_tokens={req['max_tokens']}"}
+        return {"ttft": (stamps[0] - t0) if stamps else None, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+                "e2e": time.perf_counter() - t0, "tokens": tokens}
+
+    return await _drive(one, reqs, concurrency=concurrency, rate=rate, seed=seed)
 
 
 # --------------------------------------------------------------------------- the servers
@@ -253,23 +286,45 @@ def start_llama_cpp(python: str, gguf: Path, threads: int) -> _Launched:
     return _Launched(cmd, _env(threads), ready, "llama.cpp")
 
 
-def bench_server(name: str, url: str, model: str, extra: dict, args, levels) -> dict:
+def bench_server(name: str, url: str | None, model: str, extra: dict, args, levels) -> dict:
+    """``url`` None: the in-process AsyncEngine baseline (``--in-process``)."""
     words, out = _range(args.prompt_words, "prompt-words"), _range(args.output_tokens, "output-tokens")
-    asyncio.run(run_level(url, model, request_mix(1, args.seed + 999, words, (8, 8)), extra, concurrency=1,
-                          rate=None, seed=args.seed))  # warm-up
-    res = []
-    for i, level in enumerate(levels):
-        n = args.requests_per_level or max(8, level or 16)
-        reqs = request_mix(n, args.seed + i, words, out)
-        r = asyncio.run(run_level(url, model, reqs, extra, concurrency=None if args.rate else level,
-                                  rate=args.rate, seed=args.seed + i))
-        res.append(r)
-        what = f"rate {args.rate}/s" if args.rate else f"concurrency {level:>3}"
-        errs = f", {r['num_errors']} errors" if r["num_errors"] else ""
-        print(f"  {name:>9} {what}: {r['output_tokens_per_s']:7.1f} tok/s, TTFT p50 {_ms(r['ttft_s']['p50'])} "
-              f"p99 {_ms(r['ttft_s']['p99'])}, ITL p50 {_ms(r['itl_s']['p50'])} p99 {_ms(r['itl_s']['p99'])}{errs}",
-              flush=True)
-    return {"server": name, "levels": res}
+    if url is None:
+        import torch
+
+        from genfuse.runtime.engine import AsyncEngine, Engine
+
+        torch.set_num_threads(args.threads)
+        kw = {"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}
+        aengine = AsyncEngine(Engine(args.model, **kw))
+
+        def level_fn(reqs, **kw2):
+            return run_level_in_process(aengine, reqs, **kw2)
+    else:
+        def level_fn(reqs, **kw2):
+            return run_level(url, model, reqs, extra, **kw2)
+
+    async def run_all():
+        await level_fn(request_mix(1, args.seed + 999, words, (8, 8)), concurrency=1, rate=None,
+                       seed=args.seed)  # warm-up
+        res = []
+        for i, level in enumerate(levels):
+            n = args.requests_per_level or max(8, level or 16)
+            reqs = request_mix(n, args.seed + i, words, out)
+            r = await level_fn(reqs, concurrency=None if args.rate else level, rate=args.rate, seed=args.seed + i)
+            res.append(r)
+            _print_level(name, args, level, r)
+        return res
+
+    return {"server": name, "levels": asyncio.run(run_all())}
+
+
+def _print_level(name, args, level, r) -> None:
+    what = f"rate {args.rate}/s" if args.rate else f"concurrency {level:>3}"
+    errs = f", {r['num_errors']} errors" if r["num_errors"] else ""
+    print(f"  {name:>10} {what}: {r['output_tokens_per_s']:7.1f} tok/s, TTFT p50 {_ms(r['ttft_s']['p50'])} "
+          f"p99 {_ms(r['ttft_s']['p99'])}, ITL p50 {_ms(r['itl_s']['p50'])} p99 {_ms(r['itl_s']['p99'])}{errs}",
+          flush=True)
 
 
 def _ms(x):
@@ -328,8 +383,20 @@ def main(argv=None, args=None) -> int:
                 s.stop()
         else:
             results["llama_cpp"] = "not run: pass --llama-cpp PYTHON (a Python with llama-cpp-python[server])"
-    if len(results["servers"]) == 2:
-        g, l = (s["levels"] for s in results["servers"])
+    if args.in_process:
+        results["servers"].append(bench_server("in-process", None, args.model, {}, args, levels))
+        g = results["servers"][0]["levels"]
+        b = results["servers"][-1]["levels"]
+        results["server_over_in_process"] = [
+            {"concurrency": x["concurrency"], "throughput": x["output_tokens_per_s"] / y["output_tokens_per_s"],
+             "ttft_p50": _ratio(x["ttft_s"]["p50"], y["ttft_s"]["p50"]),
+             "itl_p50": _ratio(x["itl_s"]["p50"], y["itl_s"]["p50"])} for x, y in zip(g, b)]
+        for r in results["server_over_in_process"]:
+            print(f"  server / in-process at concurrency {r['concurrency']}: throughput {r['throughput']:.2f}x, "
+                  f"TTFT p50 {r['ttft_p50']:.2f}x, ITL p50 {r['itl_p50']:.2f}x", flush=True)
+    named = {s["server"]: s["levels"] for s in results["servers"]}
+    if "genfuse" in named and "llama.cpp" in named:
+        g, l = named["genfuse"], named["llama.cpp"]
         results["ratios_genfuse_over_llama_cpp"] = [
             {"concurrency": a["concurrency"], "throughput": a["output_tokens_per_s"] / b["output_tokens_per_s"],
              "ttft_p50": _ratio(a["ttft_s"]["p50"], b["ttft_s"]["p50"]),
