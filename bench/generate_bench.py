@@ -109,54 +109,223 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
+# llama.cpp runs in a child process (its Python may be another environment: llama-cpp-python
+# builds from source, so it often lives in a venv of its own). The child loads the GGUF once per
+# thread count and answers one JSON line per request, so its runs interleave with the others.
+LLAMA_CHILD = r"""
+import json, sys, time
+from llama_cpp import Llama
+path = sys.argv[1]
+models = {}
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    t = req["threads"]
+    if t not in models:
+        t0 = time.perf_counter()
+        models[t] = Llama(model_path=path, n_threads=t, n_threads_batch=t, n_ctx=req["n_ctx"], verbose=False)
+        load_s = time.perf_counter() - t0
+    else:
+        load_s = None
+    llm, out = models[t], []
+    t0 = time.perf_counter()
+    if req["n"] > 0:
+        for tok in llm.generate(req["ids"], temp=0.0, reset=True):
+            out.append(tok)
+            if len(out) == req["n"]:
+                break
+    print(json.dumps({"s": time.perf_counter() - t0, "tokens": out, "load_s": load_s}), flush=True)
+"""
+
+
+def find_llama_python(given: str | None) -> tuple[str | None, str]:
+    """(a python that imports llama_cpp, or None; why) from --llama-python, GENFUSE_LLAMA_PYTHON
+    or this interpreter."""
+    import subprocess
+
+    candidates = [c for c in (given, os.environ.get("GENFUSE_LLAMA_PYTHON"), sys.executable) if c]
+    tried = []
+    for py in candidates:
+        try:
+            r = subprocess.run([py, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True,
+                               text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            tried.append(f"{py}: {e}")
+            continue
+        if r.returncode == 0:
+            return py, f"llama-cpp-python {r.stdout.strip()} ({py})"
+        tried.append(f"{py}: no llama_cpp")
+    return None, ("llama.cpp not measured: llama-cpp-python is not importable (" + "; ".join(tried) +
+                  "); pass --llama-python /path/to/python of an environment that has it")
+
+
+class LlamaCpp:
+    """The llama.cpp child process: `run(ids, n, threads)` -> (seconds, tokens)."""
+
+    def __init__(self, python: str, gguf: Path, n_ctx: int):
+        import subprocess
+
+        self.n_ctx = n_ctx
+        self.proc = subprocess.Popen([python, "-c", LLAMA_CHILD, str(gguf)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._read()
+        self.load_s: dict[int, float] = {}
+
+    def _read(self) -> dict[str, Any]:
+        import json
+
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp child exited (status {self.proc.poll()})")
+        return json.loads(line)
+
+    def run(self, ids: list[int], n: int, threads: int) -> tuple[float, list[int]]:
+        import json
+
+        self.proc.stdin.write(json.dumps({"ids": ids, "n": n, "threads": threads, "n_ctx": self.n_ctx}) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        if r["load_s"] is not None:
+            self.load_s[threads] = r["load_s"]
+        return r["s"], r["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - a hung child is killed
+            self.proc.kill()
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    v = sorted(values)
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "n": len(v)}
+
+
 def compare_model(args) -> dict[str, Any]:
-    """genfuse vs transformers on one real model and prompt, batch 1: tokens/s and same tokens."""
+    """genfuse vs llama.cpp (when importable) vs transformers on one real model and prompt,
+    batch 1, at each thread count: decode tokens/s and time to first token, interleaved."""
     from genfuse.runtime.llm import LLM
     from genfuse.runtime.registry import resolve
     from genfuse.runtime.sampling import SamplingParams
 
+    thread_counts = args.thread_list or [torch.get_num_threads()]
+    t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device)
-    hf = _hf_model(resolve(args.model).path, llm.dtype, llm.device)
+    genfuse_load_s = time.perf_counter() - t0
+    path = resolve(args.model).path
+    t0 = time.perf_counter()
+    hf = None if args.no_transformers else _hf_model(path, llm.dtype, llm.device)
+    hf_load_s = time.perf_counter() - t0
     # a folder without tokenizer files still runs: a fixed prompt of token ids
     ids = llm.tokenizer.encode(PROMPT) if llm.tokenizer else [(7 * i + 3) % llm.config.vocab_size for i in range(12)]
-    params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     sync = _sync(llm.device)
+    llama_py, llama_note = (None, "llama.cpp not measured: the model is not a .gguf file") \
+        if path.suffix != ".gguf" or llm.device.type != "cpu" else find_llama_python(args.llama_python)
+    llama = LlamaCpp(llama_py, path, n_ctx=len(ids) + args.tokens + 8) if llama_py else None
 
-    def run_genfuse():
-        return llm.generate([ids], params)[0].token_ids
+    def run_genfuse(n, threads):
+        return llm.generate([ids], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].token_ids
 
-    def run_hf():
+    def run_hf(n, threads):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids], device=llm.device), max_new_tokens=args.tokens, do_sample=False)
+            out = hf.generate(torch.tensor([ids], device=llm.device), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False)
         return out[0, len(ids):].tolist()
 
-    times: dict[str, list[float]] = {"genfuse": [], "transformers": []}
-    tokens = {}
-    for rep in range(args.repeats + 1):  # the first round is the warm-up
-        for name, fn in (("genfuse", run_genfuse), ("transformers", run_hf)):
-            sync()
-            t0 = time.perf_counter()
-            tokens[name] = fn()
-            sync()
-            if rep:
-                times[name].append(time.perf_counter() - t0)
+    impls = {"genfuse": run_genfuse}
+    if llama:
+        impls["llama.cpp"] = None  # timed in its own process: see below
+    if hf is not None:
+        impls["transformers"] = run_hf
+    by_threads = []
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            if hasattr(llm, "set_threads"):
+                llm.set_threads(threads)
+            total = {k: [] for k in impls}
+            first = {k: [] for k in impls}
+            tokens: dict[str, list[int]] = {}
+            for rep in range(args.repeats + 1):  # round 0 is the warm-up
+                for name, fn in impls.items():
+                    for n, store in ((1, first), (args.tokens, total)):
+                        if name == "llama.cpp":
+                            dt, out = llama.run(ids, n, threads)
+                        else:
+                            sync()
+                            t0 = time.perf_counter()
+                            out = fn(n, threads)
+                            sync()
+                            dt = time.perf_counter() - t0
+                        if rep:
+                            store[name].append(dt)
+                    tokens[name] = out
+            row: dict[str, Any] = {"threads": threads}
+            for name in impls:
+                # decode tokens/s of each repeat: (N - 1) tokens over T(N) minus the median T(1)
+                # (a repeat that noise made no longer than T(1) says nothing and is left out)
+                t1 = statistics.median(first[name])
+                dec = [(args.tokens - 1) / (tn - t1) for tn in total[name] if tn > t1] or [float("nan")]
+                row[name] = {"decode_tokens_per_s": _spread(dec), "ttft_ms": _spread([t * 1e3 for t in first[name]]),
+                             "tokens_per_s_median": statistics.median(args.tokens / t for t in total[name])}
+            ref = "transformers" if "transformers" in tokens else None
+            row["same_tokens_as_transformers"] = {k: tokens[k] == tokens[ref] for k in tokens if ref and k != ref}
+            for name in impls:
+                if name != "genfuse":
+                    row[f"genfuse_vs_{name}"] = (row["genfuse"]["decode_tokens_per_s"]["median"]
+                                                 / row[name]["decode_tokens_per_s"]["median"])
+            by_threads.append(row)
+    finally:
+        if llama:
+            llama.close()
 
-    def summary(ts):
-        tps = sorted(args.tokens / t for t in ts)
-        return {"tokens_per_s_median": statistics.median(tps), "min": tps[0], "max": tps[-1]}
-
+    first_row = by_threads[0]
     result = {
-        "model": args.model, "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
-        "backend": llm.model.backend or "auto", "threads": torch.get_num_threads(),
+        "model": args.model, "gguf": str(path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
+        "backend": llm.model.backend or "auto", "threads": first_row["threads"],
         "keep_quantized": llm.keep_quantized,  # GGUF blocks multiplied packed (runtime.quant)
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "cpu": harness_cpu(), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu_path": _cpu_path(), "act_bits": os.environ.get("GENFUSE_ACT_BITS", "32"),
         "prompt_tokens": len(ids), "new_tokens": args.tokens, "repeats": args.repeats,
-        "genfuse": summary(times["genfuse"]), "transformers": summary(times["transformers"]),
-        "same_tokens": tokens["genfuse"] == tokens["transformers"],
+        "load_s": {"genfuse": genfuse_load_s, **({"transformers": hf_load_s} if hf is not None else {}),
+                   **({"llama.cpp": llama.load_s} if llama else {})},
+        "llama_cpp": llama_note, "by_threads": by_threads,
+        "genfuse": {"tokens_per_s_median": first_row["genfuse"]["tokens_per_s_median"]},
         "torch": torch.__version__,
     }
-    result["speedup"] = result["genfuse"]["tokens_per_s_median"] / result["transformers"]["tokens_per_s_median"]
+    if hf is not None:
+        result["transformers"] = {"tokens_per_s_median": first_row["transformers"]["tokens_per_s_median"]}
+        result["same_tokens"] = first_row["same_tokens_as_transformers"].get("genfuse")
+        result["speedup"] = result["genfuse"]["tokens_per_s_median"] / result["transformers"]["tokens_per_s_median"]
     return result
+
+
+def harness_cpu() -> dict[str, Any]:
+    """The CPU model and its SIMD flags (Linux /proc/cpuinfo), as bench/README records them."""
+    info: dict[str, Any] = {"processor": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name") and "model" not in info:
+                info["model"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                info["simd_flags"] = [f for f in flags if f.startswith(("avx", "fma", "f16c", "amx", "sse4"))]
+                break
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_path() -> str | None:
+    try:
+        from genfuse import _C
+
+        return _C.cpu_path()
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -305,10 +474,24 @@ def bench_shape(name: str, shape: dict[str, Any], *, dtype: torch.dtype, device:
 # Report and command line
 # --------------------------------------------------------------------------------------
 def format_model(r: dict[str, Any]) -> str:
-    return (f"{r['model']} on {r['device']} ({r['dtype']}, {r['threads']} threads), batch 1, "
-            f"{r['new_tokens']} tokens: genfuse {r['genfuse']['tokens_per_s_median']:.1f} tokens/s, "
-            f"transformers {r['transformers']['tokens_per_s_median']:.1f} tokens/s "
-            f"({r['speedup']:.2f}x), same tokens: {r['same_tokens']}")
+    cpu = r["cpu"].get("model", r["cpu"].get("processor")) if isinstance(r["cpu"], dict) else r["cpu"]
+    lines = [f"{r['model']} on {r['device']} ({r['dtype']}; {cpu}; kernels {r.get('cpu_path')}, "
+             f"act bits {r.get('act_bits')}), batch 1, {r['prompt_tokens']}-token prompt, {r['new_tokens']} "
+             f"tokens, median of {r['repeats']} (min-max)"]
+    for row in r["by_threads"]:
+        parts = []
+        for name in ("genfuse", "llama.cpp", "transformers"):
+            if name in row:
+                d = row[name]["decode_tokens_per_s"]
+                parts.append(f"{name} {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) tok/s, "
+                             f"TTFT {row[name]['ttft_ms']['median']:.0f} ms")
+        ratios = ", ".join(f"{k[len('genfuse_vs_'):]} {v:.2f}x" for k, v in row.items() if k.startswith("genfuse_vs_"))
+        same = ", ".join(f"{k}: {v}" for k, v in row["same_tokens_as_transformers"].items())
+        lines.append(f"  {row['threads']} thread(s), decode: " + "; ".join(parts) +
+                     (f"  | genfuse vs {ratios}" if ratios else "") + (f"  | same tokens as transformers: {same}" if same else ""))
+    lines.append("  load: " + ", ".join(f"{k} {v if isinstance(v, dict) else round(v, 3)}" for k, v in r["load_s"].items()))
+    lines.append(f"  {r['llama_cpp']}")
+    return "\n".join(lines)
 
 
 def format_shapes(results: list[dict[str, Any]]) -> str:
@@ -353,7 +536,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="model part: registry name, .gguf file or Hugging Face folder (default smollm2-135m-instruct)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per sequence (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", default=None,
+                   help="model part: comma-separated thread counts, each measured for every implementation "
+                        "(torch intra-op threads, genfuse's kernel threads, llama.cpp n_threads) (default: torch's)")
+    p.add_argument("--llama-python", default=None,
+                   help="model part: a python whose environment has llama-cpp-python (default: "
+                        "$GENFUSE_LLAMA_PYTHON, else this one); llama.cpp is skipped, and the report says so, "
+                        "when none imports it")
+    p.add_argument("--no-transformers", action="store_true", help="model part: skip transformers")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"shapes part: which (default {','.join(SHAPES)})")
     p.add_argument("--batches", default=",".join(map(str, GPU_BATCHES)),
@@ -378,6 +568,7 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     bad = [p for p in parts if p not in PARTS] + [s for s in shapes if s not in SHAPES]
     try:
         batches = _int_list(args.batches, "--batches")
+        args.thread_list = _int_list(args.threads, "--threads") if args.threads else None
         if bad:
             raise ValueError(f"unknown parts or shapes {bad}; parts: {', '.join(PARTS)}; shapes: {', '.join(SHAPES)}")
         if args.tokens < 2 or args.repeats < 1 or args.prompt_tokens < 1:
@@ -395,8 +586,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         print("error: the shapes part needs a CUDA GPU and none is available here "
               "(torch.cuda.is_available() is False); nothing was timed.", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.thread_list:
+        torch.set_num_threads(args.thread_list[0])
 
     report: dict[str, Any] = {"benchmark": "generate", "device": harness.device_info()}
     if "model" in parts:

@@ -50,6 +50,7 @@ echo "$so"
 [[ "$(head -1 <<<"$so")" == "$src"/* && "$(tail -1 <<<"$so")" == "$src"/* ]] \
     || { echo "asan_check: genfuse was not imported from the sanitized copy" >&2; exit 1; }
 grep -q __asan_report <<<"$(nm -D "$(head -1 <<<"$so")")" || { echo "asan_check: the extension is not instrumented" >&2; exit 1; }
-# The quantized matmul's kernel tests too (not the two that load the SmolLM2 model: slow here).
-"$py" -m pytest tests/runtime/test_block_manager.py tests/runtime/test_quant.py tests/runtime/test_bindings_hardening.py \
+# The quantized matmuls' kernel tests too, every CPU path of the integer-dot one (not the two that
+# load the SmolLM2 model: slow here).
+"$py" -m pytest tests/runtime/test_block_manager.py tests/runtime/test_quant.py tests/runtime/test_quant_qdot.py tests/runtime/test_bindings_hardening.py \
     -k "not smollm and not keep_quantized" -q -p no:cacheprovider "$@"

@@ -1,5 +1,6 @@
-// Python bindings of the quantized CPU matmul (quant_matmul.h) as genfuse._C.quant_matmul and
-// genfuse._C.dequantize_rows. They take numpy arrays (a CPU torch tensor's .numpy() is a
+// Python bindings of the quantized CPU matmuls: genfuse._C.qdot_matmul (the integer-dot one the
+// runtime uses, qdot.h) with quantize_q8 / cpu_path / cpu_paths, and genfuse._C.quant_matmul (float
+// decoding, quant_matmul.h) with dequantize_rows. They take numpy arrays (a CPU torch tensor's .numpy() is a
 // zero-copy view), check every shape, dtype and layout before touching memory, and release the
 // GIL while they compute.
 //
@@ -17,6 +18,7 @@
 #include <unistd.h>
 
 #include "pyargs.h"
+#include "qdot.h"
 #include "quant_matmul.h"
 
 namespace py = pybind11;
@@ -82,6 +84,12 @@ void without_gil(F&& f) {
         nogil.disarm();
         for (;;) pause();
     }
+}
+
+genfuse::Act activation(int bits) {
+    if (bits != 8 && bits != 16 && bits != 32)
+        throw py::value_error("act_bits must be 8, 16 or 32, got " + std::to_string(bits));
+    return static_cast<genfuse::Act>(bits);
 }
 
 }  // namespace
@@ -155,6 +163,67 @@ void register_quant_matmul(py::module_& m) {
           py::arg("w"), py::arg("type"), py::arg("K"), py::arg("rows"), py::arg("out"), py::arg("threads") = 1,
           "out = the float32 rows `rows` (None: all; a 1-D integer array or a list of ints) of the "
           "GGML-format numpy array w, exactly as gguf.quants dequantizes them.");
+    m.def("qdot_matmul",
+          [](const py::handle& x_, const py::handle& w_, int type, const py::handle& y_, int threads, const py::object& path_,
+             int act_bits) {
+              // The path first: it is the only argument that runs Python code (str conversion).
+              const genfuse::CpuPath path =
+                  path_.is_none() ? genfuse::default_cpu_path() : genfuse::parse_cpu_path(py::cast<std::string>(path_));
+              const genfuse::Act act = activation(act_bits);
+              const py::array x = ndarray(x_, "x"), w = ndarray(w_, "w");
+              py::array y = ndarray(y_, "y");
+              check_2d(x, "x", 'f', 4, false);
+              const int64_t M = x.shape(0), K = x.shape(1);
+              const int64_t N = check_weight(w, type, K);
+              check_2d(y, "y", 'f', 4, true);
+              if (y.shape(0) != M || y.shape(1) != N)
+                  throw py::value_error("y must be (" + std::to_string(M) + ", " + std::to_string(N) + "), got " +
+                                        shape_of(y));
+              if (overlap(y, x) || overlap(y, w)) throw py::value_error("y must not share memory with x or w");
+              if (!genfuse::cpu_path_supported(path))
+                  throw py::value_error(std::string("CPU path ") + genfuse::cpu_path_name(path) +
+                                        " is not supported by this CPU");
+              const auto* xp = static_cast<const float*>(x.data());
+              const auto* wp = static_cast<const uint8_t*>(w.data());
+              auto* yp = static_cast<float*>(y.mutable_data());
+              without_gil([&] {
+                  genfuse::qdot_matmul(xp, M, K, wp, N, static_cast<genfuse::QType>(type), yp, threads, path, act);
+              });
+          },
+          py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("path") = py::none(),
+          py::arg("act_bits") = 32,
+          "y (M, N) = quantize_activations(x, act_bits) (M, K) @ dequantize(w).T with exact integer block dots: "
+          "w (N, K/32 * block bytes) uint8 in GGML format `type` (2 Q4_0, 3 Q4_1, 8 Q8_0), x and y float32 "
+          "C-contiguous numpy arrays. path: a name from cpu_paths() (None: cpu_path()); act_bits 32, 16 or 8.");
+    m.def("quantize_activations",
+          [](const py::handle& x_, int act_bits) {
+              const genfuse::Act act = activation(act_bits);
+              const py::array x = ndarray(x_, "x");
+              check_2d(x, "x", 'f', 4, false);
+              const int64_t M = x.shape(0), K = x.shape(1);
+              if (K <= 0 || K % genfuse::kQBlock)
+                  throw py::value_error("K must be a positive multiple of 32, got " + std::to_string(K));
+              py::array q = act == genfuse::Act::Q8    ? py::array(py::array_t<int8_t>({M, K}))
+                            : act == genfuse::Act::Q16 ? py::array(py::array_t<int16_t>({M, K}))
+                                                       : py::array(py::array_t<int16_t>({M, 2 * K}));
+              py::array_t<float> d({M, K / genfuse::kQBlock}), s({M, K / genfuse::kQBlock});
+              genfuse::quantize_act(static_cast<const float*>(x.data()), M, K, act, q.mutable_data(), d.mutable_data(),
+                                    s.mutable_data());
+              return py::make_tuple(q, d, s);
+          },
+          py::arg("x"), py::arg("act_bits") = 32,
+          "(q, d float32 (M, K/32), s float32 (M, K/32)): the blocks qdot_matmul makes of x (M, K) float32: "
+          "d = max|x| / Q per block of 32 (Q = 32767, or 127 for act_bits=8), q = round(x / d) half to even "
+          "(int16 (M, K), int8 for 8; for 32, int16 (M, 2K): per block 32 high parts then 32 low parts, "
+          "x / d = high + low / 2^16), s = d * sum(q).");
+    m.def("cpu_path", []() { return std::string(genfuse::cpu_path_name(genfuse::default_cpu_path())); },
+          "The code path qdot_matmul uses by default: GENFUSE_CPU_PATH if set, else the best of cpu_paths().");
+    m.def("cpu_paths", []() {
+              py::list out;
+              for (auto p : genfuse::supported_cpu_paths()) out.append(genfuse::cpu_path_name(p));
+              return out;
+          },
+          "The qdot_matmul code paths this CPU runs, best first.");
     m.def("quant_matmul_uses_avx", &genfuse::quant_matmul_uses_avx,
           "Whether quant_matmul runs its AVX/FMA/F16C code on this CPU (else portable C++).");
 }

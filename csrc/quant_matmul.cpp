@@ -9,23 +9,13 @@
 // with the block sums of x computed once per call, so a block costs one multiply by d, not 32
 // (Q4_0 is read the same way, with m = -8 d; Q8_0 signed, with no offset: see rows_avx).
 //
-// Threads: a small persistent pool (workers spin briefly, then sleep on a condition variable),
-// so that a decode step's ~120 calls do not each pay for starting threads. Work is chunks of
-// rows of W claimed from a shared counter by the calling thread and the workers alike, so a
-// busy machine that descheduled a worker slows nothing down. The binding releases the GIL.
+// Threads: chunks of rows of W on the shared pool of threads.h. The binding releases the GIL.
 #include "quant_matmul.h"
+#include "threads.h"
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
-
-#include <unistd.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -43,12 +33,6 @@ int64_t block_bytes(int type) {
     }
     return 0;
 }
-
-namespace {
-
-// ------------------------------------------------------------------ portable pieces
-
-uint16_t load_u16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
 // IEEE half -> float, exactly (subnormals, infinities and NaNs included).
 float half_to_float(uint16_t h) {
@@ -74,6 +58,12 @@ float half_to_float(uint16_t h) {
     std::memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+namespace {
+
+// ------------------------------------------------------------------ portable pieces
+
+uint16_t load_u16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
 // The 32 weights of one block as float32, computed as gguf.quants does (multiply, then add).
 void decode_block(const uint8_t* blk, QType type, float* out) {
@@ -237,140 +227,6 @@ void rows_any(const Problem& p, int64_t n0, int64_t n1, bool portable) {
     rows_portable(p, n0, n1);
 }
 
-// ------------------------------------------------------------------ the thread pool
-
-inline void cpu_relax() {
-#ifdef GENFUSE_X86
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-}
-
-class Pool {
-public:
-    // Runs fn(chunk) for every chunk in [0, chunks), on the calling thread and up to `helpers`
-    // workers. Chunks are claimed one at a time from a shared counter, so a worker that wakes
-    // late (descheduled on a busy machine) costs nothing: the caller simply does more chunks.
-    // The caller only ever waits for chunks a worker has already claimed.
-    void run(int chunks, int helpers, const std::function<void(int)>& fn) {
-        if (helpers <= 0 || chunks <= 1) {
-            for (int c = 0; c < chunks; ++c) fn(c);
-            return;
-        }
-        std::lock_guard<std::mutex> serial(run_mu_);  // one job at a time across Python threads
-        grow(helpers);
-        uint32_t gen;
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            gen = ++gen_;
-            job_ = &fn;
-            chunks_ = chunks;
-            helpers_ = helpers;
-            done_.store(0, std::memory_order_relaxed);
-            state_.store(static_cast<uint64_t>(gen) << 32, std::memory_order_release);
-            wake_.fetch_add(1, std::memory_order_release);
-        }
-        cv_.notify_all();
-        work(gen, chunks, fn);
-        for (int spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) {
-            if (spins & 63) cpu_relax();
-            else std::this_thread::yield();  // let a descheduled worker finish its chunk
-        }
-    }
-
-private:
-    // Claims the next chunk of job `gen`; -1 once they are all claimed or a newer job started.
-    int claim(uint32_t gen, int chunks) {
-        uint64_t s = state_.load(std::memory_order_acquire);
-        for (;;) {
-            if (static_cast<uint32_t>(s >> 32) != gen || static_cast<int>(s & 0xffffffffu) >= chunks) return -1;
-            if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) return static_cast<int>(s & 0xffffffffu);
-        }
-    }
-
-    void work(uint32_t gen, int chunks, const std::function<void(int)>& fn) {
-        for (int c; (c = claim(gen, chunks)) >= 0;) {
-            fn(c);
-            done_.fetch_add(1, std::memory_order_acq_rel);
-        }
-    }
-
-    void grow(int n) {
-        while (static_cast<int>(workers_.size()) < n) {
-            // The wake count is read here, before run() bumps it: read by the new thread itself,
-            // it could already be the bumped one, and that job would never be seen.
-            const int id = static_cast<int>(workers_.size()) + 1;
-            const uint64_t seen = wake_.load(std::memory_order_acquire);
-            workers_.emplace_back([this, id, seen] { loop(id, seen); });
-        }
-    }
-
-    void loop(int id, uint64_t seen) {
-        for (bool spin = true;;) {
-            // Spin a little first: a decode step's next matmul comes within microseconds. A worker
-            // the last job did not ask for (a smaller `threads` than the pool has) goes straight
-            // to sleep, so that it does not take a core from the threads that do work.
-            for (int i = 0; spin && i < 2000 && wake_.load(std::memory_order_acquire) == seen; ++i) cpu_relax();
-            const std::function<void(int)>* job;
-            uint32_t gen;
-            int chunks, helpers;
-            {
-                std::unique_lock<std::mutex> lk(mu_);
-                cv_.wait(lk, [&] { return wake_.load(std::memory_order_acquire) != seen; });
-                seen = wake_.load(std::memory_order_acquire);
-                if (stop_) return;
-                job = job_;
-                gen = gen_;
-                chunks = chunks_;
-                helpers = helpers_;
-            }
-            spin = id <= helpers;
-            if (spin) work(gen, chunks, *job);  // claims nothing if that job is over
-        }
-    }
-
-    std::mutex run_mu_, mu_;
-    std::condition_variable cv_;
-    std::vector<std::thread> workers_;
-    const std::function<void(int)>* job_ = nullptr;
-    uint32_t gen_ = 0;
-    int chunks_ = 0, helpers_ = 0;
-    bool stop_ = false;                  // never set: the pool lives as long as the process
-    std::atomic<uint64_t> wake_{0};      // bumped once per job: what sleeping workers wait on
-    std::atomic<uint64_t> state_{0};     // (job generation << 32) | next unclaimed chunk
-    std::atomic<int> done_{0};           // chunks of the current job finished
-};
-
-Pool& pool() {
-    // Leaked on purpose: joining threads from a static destructor at interpreter exit can hang.
-    // A forked child has none of its parent's workers: it starts a pool of its own.
-    static Pool* p = nullptr;
-    static pid_t owner = 0;
-    static std::mutex mu;
-    std::lock_guard<std::mutex> lk(mu);
-    if (p == nullptr || owner != getpid()) {
-        p = new Pool();
-        owner = getpid();
-    }
-    return *p;
-}
-
-// Chunks of `align`-multiples for `threads` threads: about 8 per thread, so that a late thread
-// costs at most a chunk or so; below ~64k weights a matmul is not worth a second thread.
-int64_t chunk_size(int64_t n, int64_t weights_per_item, int threads, int64_t align) {
-    if (threads <= 1 || n * weights_per_item < 65536) return n;
-    const int64_t per = (n + int64_t{threads} * 8 - 1) / (int64_t{threads} * 8);
-    return std::max(align, (per + align - 1) / align * align);
-}
-
-// `threads` as asked, within [1, the machine's hardware threads]: more would only make workers
-// that fight the caller for cores (and a huge value thousands of OS threads).
-int clamp_threads(int threads) {
-    static const int hw = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-    return std::clamp(threads, 1, hw);
-}
-
 }  // namespace
 
 bool quant_matmul_uses_avx() { return cpu_has_avx(); }
@@ -393,7 +249,7 @@ void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
     }
     const int64_t rows = std::max<int64_t>(1, chunk_size(N, K, threads, 8));
     const int chunks = static_cast<int>((N + rows - 1) / rows);
-    pool().run(chunks, std::min(threads, chunks) - 1, [&](int c) {
+    parallel_for(chunks, std::min(threads, chunks) - 1, [&](int c) {
         rows_any(p, c * rows, std::min(N, (c + 1) * rows), portable);
     });
 }
@@ -405,7 +261,7 @@ void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const i
     const int64_t count = rows ? n_rows : N;
     const int64_t per = std::max<int64_t>(1, chunk_size(count, K, threads, 1));
     const int chunks = static_cast<int>((count + per - 1) / per);
-    pool().run(chunks, std::min(threads, chunks) - 1, [&](int c) {
+    parallel_for(chunks, std::min(threads, chunks) - 1, [&](int c) {
         for (int64_t i = c * per; i < std::min(count, (c + 1) * per); ++i) {
             const uint8_t* row = w + (rows ? rows[i] : i) * nb * bb;
             for (int64_t b = 0; b < nb; ++b) decode_block(row + b * bb, type, out + i * K + b * 32);

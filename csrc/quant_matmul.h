@@ -40,6 +40,9 @@ void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
 void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const int64_t* rows,
                      int64_t n_rows, float* out, int threads);
 
+// IEEE half precision bits -> float, exactly (subnormals, infinities and NaNs included).
+float half_to_float(uint16_t h);
+
 // Whether the AVX/FMA code path is in use on this CPU.
 bool quant_matmul_uses_avx();
 

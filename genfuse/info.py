@@ -26,8 +26,7 @@ def collect() -> Dict[str, Any]:
     try:
         from genfuse import _C
 
-        facts["extension"] = {"version": _C.version(), **_C.build_info(),
-                              "quant_matmul": "avx+fma+f16c" if _C.quant_matmul_uses_avx() else "portable C++"}
+        facts["extension"] = {"version": _C.version(), **_C.build_info(), "quant_matmul": _cpu_path(_C)}
     except ImportError as exc:
         facts["extension"] = {"error": f"genfuse._C is not built: {exc}"}
 
@@ -43,6 +42,17 @@ def collect() -> Dict[str, Any]:
     facts["gpu"] = nvml_info()
     facts["kv_cache_cpu"] = _kv_cache_cpu()
     return facts
+
+
+def _cpu_path(_C) -> str:
+    """The packed matmul's code path (GENFUSE_CPU_PATH or CPUID's best) and the others here."""
+    if not hasattr(_C, "cpu_path"):  # an extension built before the integer-dot kernel
+        return "avx+fma+f16c" if _C.quant_matmul_uses_avx() else "portable C++"
+    try:
+        path = _C.cpu_path()
+    except ValueError as exc:  # a bad GENFUSE_CPU_PATH
+        return f"error: {exc}"
+    return f"integer dot, {path} (this CPU: {', '.join(_C.cpu_paths())}; GENFUSE_CPU_PATH forces one)"
 
 
 def _kv_cache_cpu() -> Dict[str, Any]:

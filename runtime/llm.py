@@ -57,6 +57,7 @@ from .engine import Engine, RequestOutput
 from .loader import load_model
 from .registry import DEFAULT_MODEL
 from .sampling import SamplingParams
+from .threads import check_threads, kernel_threads, set_threads
 from .tokenizer import Tokenizer
 
 
@@ -88,11 +89,17 @@ class LLM:
     turns it on where it applies (CPU, float32, the torch ops rather than the Triton
     interpreter), False dequantizes everything to ``dtype`` at load, True insists (an error
     where it does not apply).
+    ``threads``: CPU threads for genfuse's kernels (`runtime.threads`; process-wide; None keeps
+    the current setting, by default the physical cores). With packed weights on the CPU, torch's
+    intra-op threads are set to 1 as well (the kernels do the heavy work on their own pool; the
+    per-token torch ops are too small to split, and OpenMP's spinning threads would take the
+    cores from the pool); for a dense CPU model torch gets ``threads`` when it is given.
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, backend: str | None = None, cuda_graphs: bool | None = None,
-                 keep_quantized: bool | None = None, **engine_args):
+                 keep_quantized: bool | None = None, threads: int | None = None, **engine_args):
+        check_threads(threads)  # before the load: a bad value fails fast
         loaded = load_model(model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized)
         self.engine = Engine(loaded, cuda_graphs=cuda_graphs, **engine_args)
         self.runner = self.engine.runner
@@ -103,6 +110,22 @@ class LLM:
         self.last_completion: Completion | None = None  # set by `stream` when it ends
         self._lock = _RequestLock()
         self._ids = itertools.count()
+        self.set_threads(threads)
+
+    def set_threads(self, threads: int | None) -> None:
+        """CPU threads for genfuse's kernels and torch's intra-op threads (see the class doc)."""
+        if self.device.type != "cpu":
+            check_threads(threads)
+            return
+        if self.keep_quantized:
+            set_threads(threads if threads is not None else kernel_threads(), torch_threads=1)
+        else:
+            set_threads(threads if threads is not None else kernel_threads(), torch_threads=threads)
+
+    @property
+    def threads(self) -> int:
+        """The CPU threads genfuse's kernels use now."""
+        return kernel_threads()
 
     @property
     def tokenizer(self) -> Tokenizer | None:

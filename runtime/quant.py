@@ -4,9 +4,17 @@ Why: decoding one token reads every weight once, so on a CPU a decode step costs
 weights' bytes over the memory bandwidth. SmolLM2-135M dequantized to float32 is 0.54 GB; kept
 as the file ships it (Q4_1 layers, a Q8_0 embedding) it is 0.10 GB. `PackedWeight` holds a
 Q4_0 / Q4_1 / Q8_0 tensor's raw blocks, and `linear` / `embedding` below multiply with it or
-look rows up in it through the C++ kernels of ``genfuse._C`` (csrc/quant_matmul.cpp), which
-decode the blocks in registers and sum in float32. The numbers are those of the dequantized
-float32 weight (exactly what `gguf.quants.dequantize` gives) up to float32 summation order.
+look rows up in it through the C++ kernels of ``genfuse._C``. The matmul is llama.cpp's scheme
+(csrc/qdot.h): the activations are quantized once per call to integer blocks of 32 with a
+float32 scale, and each block product is an exact integer dot (vpdpwssd / vpdpbusd where the
+CPU has VNNI; the path is picked at run time from CPUID, `genfuse info` names it,
+GENFUSE_CPU_PATH forces one). The activation blocks are 32-bit by default (two int16 halves:
+x to ~2^-32 of its block maximum, so the result is the dequantized float32 weight times x up
+to float32 rounding, and greedy tokens match transformers); GENFUSE_ACT_BITS=16 or 8 trades
+accuracy for speed (8 is llama.cpp's Q8: 1.3-1.4x faster kernels here, SmolLM2's logits move
+by ~1e-2 relative and greedy tokens diverge within a few steps; 16: ~1e-4). With b bits the
+result is within  sum_blocks dx / 2 * sum |w|  of x @ W, dx = max |x| / (2^(b-1) - 1) per block
+(dx * 2^-16 for 32 bits). Embedding rows are exactly what `gguf.quants.dequantize` gives.
 
 The model files call `linear` and `embedding` from here: they pass a `PackedWeight` to the C++
 kernel and anything else on to `genfuse.kernels.linear` / plain indexing, so one model
@@ -15,8 +23,12 @@ or when the Triton kernels run under the interpreter, weights are dequantized at
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from genfuse.kernels import linear as _kernel_linear
+
+from .threads import kernel_threads
 
 # GGML type ids (gguf.GGMLQuantizationType) and bytes per block of 32 weights.
 QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
@@ -26,6 +38,14 @@ BLOCK = 32
 # Above this many rows of x a matmul dequantizes the weight once and hands it to torch's GEMM:
 # the packed kernel reads each weight once per 4 rows of x, which only pays for small batches.
 MAX_PACKED_ROWS = 32
+
+
+def act_bits() -> int:
+    """The activation blocks' width for packed matmuls: GENFUSE_ACT_BITS (32, 16 or 8), default 32."""
+    raw = os.environ.get("GENFUSE_ACT_BITS", "32")
+    if raw not in ("32", "16", "8"):
+        raise ValueError(f"GENFUSE_ACT_BITS={raw!r}: choose 32 (float32-exact, the default), 16 or 8")
+    return int(raw)
 
 
 def _ext():
@@ -41,7 +61,7 @@ def can_pack(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
     if device.type != "cpu" or dtype != torch.float32 or backend != "torch":
         return False
     try:
-        _ext().quant_matmul  # noqa: B018 - an extension built before this kernel lacks it
+        _ext().qdot_matmul  # noqa: B018 - an extension built before this kernel lacks it
     except (ImportError, AttributeError):
         return False
     return True
@@ -104,7 +124,7 @@ class PackedWeight:
         idx = None if rows is None else rows.reshape(-1).to(torch.int64)
         out = torch.empty((self.shape[0] if idx is None else idx.numel(), K), dtype=torch.float32)
         _ext().dequantize_rows(self._data_np, QTYPES[self.qtype], K, None if idx is None else idx.numpy(),
-                               out.numpy(), torch.get_num_threads())
+                               out.numpy(), kernel_threads())
         return out
 
 
@@ -166,7 +186,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
         return _kernel_linear(x, weight.dequantize(), bias, activation=activation, residual=residual,
                               backend="torch")
     x2 = x2.contiguous()
-    y = _packed_matmul(x2, weight, torch.get_num_threads())
+    y = _packed_matmul(x2, weight, kernel_threads())
     y = y.view(*x.shape[:-1], N)
     if bias is not None:
         y += bias
@@ -178,11 +198,11 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
 
 
 def _packed_matmul(x2: torch.Tensor, weight, threads: int) -> torch.Tensor:
-    """x2 (M, K) contiguous float32 @ weight.T -> (M, N) through genfuse._C.quant_matmul."""
+    """x2 (M, K) contiguous float32 @ weight.T -> (M, N) through genfuse._C.qdot_matmul."""
     M, ext = x2.shape[0], _ext()
     if isinstance(weight, PackedWeight):
         y = torch.empty((M, weight.shape[0]), dtype=torch.float32)
-        ext.quant_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads)
+        ext.qdot_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads, None, act_bits())
         return y
     outs = [_packed_matmul(x2, p, threads) for p in weight.parts]  # PackedRows: one call a part
     return torch.cat(outs, dim=1)

@@ -109,10 +109,22 @@ def test_cpu_run_compares_a_model_folder_and_skips_the_shapes(tmp_path, capsys):
                      "--json", str(out)]) == 0
     captured = capsys.readouterr()
     assert "shapes part skipped: needs a CUDA GPU" in captured.err
-    assert "same tokens: True" in captured.out
+    assert "same tokens as transformers: genfuse: True" in captured.out
+    assert "llama.cpp not measured: the model is not a .gguf file" in captured.out
     report = json.loads(out.read_text())
     m = report["model"]
     assert m["same_tokens"] and m["new_tokens"] == 4 and m["device"] == "cpu"
     assert m["genfuse"]["tokens_per_s_median"] > 0 and m["speedup"] > 0
+    row = m["by_threads"][0]
+    assert row["genfuse"]["decode_tokens_per_s"]["n"] == 1 and "llama.cpp" not in row
+    assert m["cpu_path"] and "model" in m["cpu"]
     assert "needs a CUDA GPU" in report["shapes"]["skipped"]
     assert report["device"]["cuda_available"] is False
+
+
+def test_llama_python_that_lacks_llama_cpp_is_reported(tmp_path):
+    py, note = gb.find_llama_python(str(tmp_path / "no-such-python"))
+    if py is None:  # this environment has no llama_cpp either
+        assert "llama.cpp not measured" in note and "--llama-python" in note
+    else:
+        assert "llama-cpp-python" in note

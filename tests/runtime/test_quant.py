@@ -15,6 +15,7 @@ from gguf import quants
 
 from genfuse import _C
 from engine_helpers import prompt_logits
+from test_quant_qdot import activation_bound
 
 TYPES = [T.Q4_0, T.Q4_1, T.Q8_0]
 
@@ -136,7 +137,11 @@ def test_linear_with_epilogue_matches_dense(M, activation):
     want = linear_reference(x.double(), deq.double(), bias.double(), activation=activation,
                             residual=res.double())
     assert got.shape == (1, M, 40) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if M > quant.MAX_PACKED_ROWS:  # float32 GEMM on the dequantized weight
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    else:  # integer dots on Q8 activations: the activation bound (silu, gelu_tanh are 1.2-Lipschitz)
+        bound = 1.2 * torch.from_numpy(activation_bound(x[0].numpy(), deq.numpy())) + 1e-5
+        assert torch.all((got[0].double() - want[0]).abs() <= bound)
 
 
 def test_linear_dense_weights_go_to_the_kernel_library():
@@ -228,7 +233,23 @@ def test_rows_in_different_formats_multiply_as_one_weight(M):
     dense = torch.cat([d for _, d in parts])
     torch.testing.assert_close(w.dequantize(), dense, rtol=0, atol=0)
     x, res = torch.randn(M, 64), torch.randn(M, 16)
-    torch.testing.assert_close(quant.linear(x, w, residual=res).double(), x.double() @ dense.double().T + res.double(),
-                               rtol=1e-5, atol=1e-5)
+    err = (quant.linear(x, w, residual=res).double() - (x.double() @ dense.double().T + res.double())).abs()
+    assert torch.all(err <= torch.from_numpy(activation_bound(x.numpy(), dense.numpy())) + 1e-5)
     with pytest.raises(ValueError, match="one width"):
         quant.PackedRows([_packed_weight(2, 32, T.Q4_0)[0], _packed_weight(2, 64, T.Q4_0)[0]])
+
+
+def test_act_bits_env_picks_the_activation_width(monkeypatch):
+    """GENFUSE_ACT_BITS=8 runs llama.cpp's Q8 activations (within the 8-bit bound, and not the
+    32-bit result); a bad value is a one-line ValueError."""
+    w, deq = _packed_weight(64, 256, T.Q4_1, seed=7)
+    x = torch.randn(3, 256)
+    exact = x.double() @ deq.double().T
+    y32 = quant.linear(x, w)
+    monkeypatch.setenv("GENFUSE_ACT_BITS", "8")
+    y8 = quant.linear(x, w)
+    assert torch.all((y8.double() - exact).abs() <= torch.from_numpy(activation_bound(x.numpy(), deq.numpy(), 8)) + 1e-5)
+    assert not torch.equal(y8, y32)
+    monkeypatch.setenv("GENFUSE_ACT_BITS", "4")
+    with pytest.raises(ValueError, match="GENFUSE_ACT_BITS='4': choose 32"):
+        quant.linear(x, w)
