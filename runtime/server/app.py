@@ -42,6 +42,7 @@ _access = logging.getLogger("genfuse.server.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+MAX_BODY_BYTES = 32 << 20  # a max_model_len prompt as text or token ids is far below this
 
 __all__ = ["ServerState", "SSEResponse", "build_app"]
 
@@ -119,6 +120,22 @@ async def _send_error(send, err: APIError):
 
 def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past `MAX_BODY_BYTES` (before reading it all when the client
+    says its length)."""
+    too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_big
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -248,7 +265,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise server_error("the server is shutting down", "server_shutdown", 503)
         if state.engine.dead is not None:
             raise server_error("the engine stopped on an error (see the server log)", "engine_dead", 503)
-        raw = await request.body()
+        raw = await _read_body(request)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:

@@ -223,6 +223,8 @@ def test_too_long_prompts_get_the_numbers(server):
 
 def test_unknown_routes_and_methods_use_the_error_body(server):
     with server.client() as c:
+        r = c.post("/v1/completions", content=b"x" * ((32 << 20) + 1), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
         r = c.get("/v1/nothing")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = c.get("/v1/completions")
