@@ -282,6 +282,28 @@ def test_logprobs_echo_n_penalties(server, llm):
     assert pen["choices"][0]["text"] == want_pen.text
 
 
+def test_sampling_fields_reach_the_engine(server, llm):
+    """stop strings, stop_token_ids and the vLLM extras give what LLM.generate gives with the
+    same SamplingParams (seeded sampling, so every field matters to the draw)."""
+    cases = [
+        ({"stop": ["\n"], "temperature": 0}, dict(stop=("\n",), temperature=0)),
+        ({"temperature": 0.9, "seed": 5, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3},
+         dict(temperature=0.9, seed=5, top_k=20, min_p=0.05, repetition_penalty=1.3)),
+        ({"temperature": 0, "ignore_eos": True, "stop_token_ids": [198]}, dict(temperature=0, ignore_eos=True,
+                                                                                stop_token_ids=(198,))),
+    ]
+    prompt = "List three animals:\n1."
+    reasons = []
+    with server.client() as c:
+        for body, kw in cases:
+            r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 16, **body}).json()
+            [want] = llm.generate([prompt], SamplingParams(max_tokens=16, **kw))
+            assert (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == (want.text, want.finish_reason), body
+            assert r["usage"]["completion_tokens"] == len(want.token_ids)
+            reasons.append(want.finish_reason)
+    assert reasons == ["stop", "length", "stop"]  # the stop string and the stop id (198 = "\\n") did end them
+
+
 def test_metrics_counters_move(server):
     before = server.metrics()
     with server.client() as c:
