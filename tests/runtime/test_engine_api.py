@@ -153,3 +153,46 @@ def test_async_stats_and_shutdown_end_consumers():
                 pass
 
     asyncio.run(main())
+
+
+def test_abort_with_output_and_external_async_aborts():
+    e = engine()
+    e.add_request("a", [5, 6, 7], SamplingParams(max_tokens=20, **GREEDY))
+    got = []
+    for _ in range(3):
+        got += [o.new_token_ids for o in e.step()]
+    last = e.abort_with_output("a")
+    assert last.finished and last.finish_reason == "abort" and last.new_token_ids == []
+    assert last.token_ids == [t for ids in got for t in ids] and len(last.token_ids) == 3
+    assert e.abort_with_output("a") is None and e.stats.finished == {"abort": 1}
+
+    async def main():
+        a = AsyncEngine(engine())
+        outs = []
+
+        async def consume(rid):
+            async for out in a.generate([5, 6, 7], SamplingParams(max_tokens=200, **GREEDY), request_id=rid):
+                outs.append(out)
+            return outs[-1]
+
+        task = asyncio.create_task(consume("x"))
+        for _ in range(2000):
+            await asyncio.sleep(0.005)
+            if len(outs) >= 2:
+                break
+        a.abort("x")  # from outside: the consumer still reading gets a last "abort" output
+        final = await asyncio.wait_for(task, 30)
+        assert final.finish_reason == "abort" and final.finished
+        assert "".join(o.new_text for o in outs) == final.text
+        # aborted right after generate() queued it (usually before the worker added it to the
+        # engine, when add and abort are applied together): still one last "abort" output
+        early = asyncio.create_task(consume("y"))
+        await asyncio.sleep(0)
+        a.abort("y")
+        final = await asyncio.wait_for(early, 30)
+        assert final.request_id == "y" and final.finish_reason == "abort"
+        await a.shutdown()
+        return a.stats
+
+    st = asyncio.run(main())
+    assert st.num_running == 0 and st.kv_cache_usage == 0.0
