@@ -447,5 +447,9 @@ def test_bench_serve_against_this_server(server, tmp_path):
         assert 9 <= lv["output_tokens"] <= 15  # max_tokens 3..5 each, EOS ignored: exactly what was asked
         assert lv["ttft_s"]["n"] == 3 and lv["ttft_s"]["p50"] <= lv["ttft_s"]["p99"]
         assert 0 < lv["itl_s"]["n"] <= lv["output_tokens"] - 3  # gaps between content chunks
+    code = serve_bench.main(["--url", server.url, "--model", MODEL, "--rate", "20", "--requests-per-level", "3",
+                             "--output-tokens", "2:2", "--prompt-words", "3:4", "--json", str(out)])
+    [lv] = json.loads(out.read_text())["servers"][0]["levels"]
+    assert code == 0 and lv["rate"] == 20 and lv["completed"] == 3 and lv["output_tokens"] == 6
     assert serve_bench.request_mix(4, 1, (3, 6), (3, 5)) == serve_bench.request_mix(4, 1, (3, 6), (3, 5))
     assert serve_bench.percentiles([3.0, 1.0, 2.0])["p50"] == 2.0
