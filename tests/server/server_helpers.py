@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))  # llm_
 
 
 class ServerProcess:
-    def __init__(self, *args: str, api_key: str | None = None):
+    def __init__(self, *args: str, api_key: str | None = None, env: dict | None = None):
         self.args = ["--port", "0", *args]
         self.api_key = api_key
+        self.extra_env = env or {}
         self.url: str | None = None
         self.lines: list[str] = []
         self.health_while_loading: list[int] = []
@@ -39,7 +40,7 @@ class ServerProcess:
 
     def start(self, listen_timeout: float = 90, ready_timeout: float = 180, wait_ready: bool = True) -> "ServerProcess":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **self.extra_env)
         self.proc = subprocess.Popen([sys.executable, "-m", "genfuse", "serve", *self.args], env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         threading.Thread(target=self._read, daemon=True).start()

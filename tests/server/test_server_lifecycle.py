@@ -22,7 +22,7 @@ LONG = {"prompt": "Tell me a long story about a lighthouse keeper:", "max_tokens
 def server():
     s = ServerProcess("--api-key", KEY, "--max-waiting", "2", "--max-num-seqs", "1", "--request-timeout", "2.5",
                       "--shutdown-timeout", "1", "--num-kv-blocks", "128", "--served-model-name", "smol",
-                      api_key=KEY).start()
+                      api_key=KEY, env={"GENFUSE_API_KEY": "env-key"}).start()  # the flag wins
     yield s
     if s.proc.poll() is None:
         s.stop()
@@ -31,7 +31,8 @@ def server():
 def test_api_key(server):
     body = {"model": "smol", "prompt": "Hi", "max_tokens": 1}
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                        {"Authorization": "Bearer env-key"}):
             r = c.post("/v1/completions", json=body, headers=headers)
             assert r.status_code == 401, headers
             err = r.json()["error"]
@@ -135,11 +136,12 @@ def test_sigterm_while_requests_run_exits_0(server):
 
 
 def test_sigterm_while_loading_exits_0():
-    s = ServerProcess().start(wait_ready=False)
+    s = ServerProcess(env={"GENFUSE_API_KEY": "env-key"}).start(wait_ready=False)
     with httpx.Client(base_url=s.url, timeout=10) as c:
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
-        r = c.post("/v1/completions", json={"prompt": "Hi"})
+        assert c.post("/v1/completions", json={"prompt": "Hi"}).status_code == 401  # $GENFUSE_API_KEY holds
+        r = c.post("/v1/completions", json={"prompt": "Hi"}, headers={"Authorization": "Bearer env-key"})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert s.stop() == 0
     assert not any(" ready at " in line for line in s.lines)
