@@ -17,7 +17,7 @@ import transformers
 
 import genfuse
 from genfuse.runtime import accelerate_hf
-from llm_helpers import one_thread, smollm_gguf, smollm_transformers
+from llm_helpers import one_thread, smollm_transformers
 
 V = 101
 
@@ -185,12 +185,6 @@ def smollm():
     return model, genfuse.accelerate(model, backend="torch")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    path = smollm_gguf()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
 def test_smollm2_logits_and_greedy_tokens(smollm):
     model, fast = smollm
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253]])
@@ -219,18 +213,6 @@ def test_smollm2_interpreter_forward(smollm, no_torch_compute):
     assert (out - ref).abs().max() < 1e-4
 
 
-def test_readme_pipeline_example(smollm, tokenizer):
-    """The README's example: transformers' text-generation pipeline on the accelerated model."""
-    model, fast = smollm
-    pipe = transformers.pipeline("text-generation", model=fast, tokenizer=tokenizer)
-    ref = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
-    with one_thread():
-        out = pipe("The capital of France is", max_new_tokens=6, do_sample=False)
-        want = ref("The capital of France is", max_new_tokens=6, do_sample=False)
-    assert isinstance(out[0]["generated_text"], str) and len(out[0]["generated_text"]) > len("The capital of France is")
-    assert out == want
-
-
 # --------------------------------------------------------------------------------------
 # diffusers: a pipeline's VAE decoder
 # --------------------------------------------------------------------------------------
@@ -254,3 +236,28 @@ def test_diffusers_pipeline_vae_decoder():
         ref, out = vae.decode(z).sample, fast.vae.decode(z).sample
     assert type(fast.vae.decoder).__module__.startswith("genfuse")
     assert (out - ref).abs().max() < 1e-4
+
+
+def test_readme_example_runs(monkeypatch):
+    """The README's accelerate example, executed as written: text, equal to the unpatched pipeline.
+
+    As a user runs it on CPU: without Triton's interpreter (which the suite turns on), i.e. on the
+    torch reference ops that ``backend=None`` picks there."""
+    import pathlib
+    import re
+
+    from genfuse.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRET", False)
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Drop-in: `genfuse.accelerate` for transformers", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    ns: dict = {}
+    with one_thread():
+        exec(compile(code, "README.md", "exec"), ns)
+        want = transformers.pipeline("text-generation", model=ns["model"], tokenizer=ns["tok"])(
+            "The capital of France is", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert ns["text"].startswith("The capital of France is") and len(ns["text"]) > 26
+    assert ns["text"] == want
+    assert ns["model"].config._attn_implementation != "genfuse"
