@@ -203,6 +203,8 @@ def _add_llm_parsers(sub) -> None:
         p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default 0.9)")
         p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
         p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for genfuse's kernels (default: the physical cores; see LLM(threads=))")
         engine_flags(p)
 
     p = sub.add_parser("generate", help="stream a completion of a prompt (tokens/s on stderr)",
@@ -253,8 +255,14 @@ def _engine_args(args) -> dict:
 def _load_llm(args):
     from genfuse.runtime.llm import LLM
 
+    from genfuse.runtime.threads import check_threads
+
+    try:
+        check_threads(args.threads)
+    except ValueError as e:
+        args._llm_parser.error(str(e))
     return LLM(args.model, device=args.device, backend=None if args.backend == "auto" else args.backend,
-               **_engine_args(args))
+               threads=args.threads, **_engine_args(args))
 
 
 def _stream_reply(llm, prompt, params) -> tuple[str, bool]:

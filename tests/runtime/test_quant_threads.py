@@ -97,3 +97,17 @@ def test_qdot_many_threads_equal_one():
     for t in (2, 3, 8, 64):
         _C.qdot_matmul(x, blocks, int(T.Q4_1), y, t)
         assert np.array_equal(y, ref), t
+
+
+def test_cli_generate_and_chat_take_threads(tmp_path, capsys):
+    from genfuse.cli import main
+
+    path = _tiny_packed_gguf(tmp_path)
+    for cmd in ("generate", "chat"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, *(["hi"] if cmd == "generate" else []), "--model", str(path), "--threads", "0"])
+        assert e.value.code == 2
+        assert "threads must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--threads" in capsys.readouterr().out
