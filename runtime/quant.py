@@ -183,8 +183,11 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
     if x2.dtype != torch.float32 or x2.device.type != "cpu":
         raise ValueError(f"packed weights multiply float32 CPU inputs, got {x2.dtype} on {x2.device}")
     if x2.shape[0] > MAX_PACKED_ROWS:  # a long prompt: one dequantization, then torch's GEMM
-        return _kernel_linear(x, weight.dequantize(), bias, activation=activation, residual=residual,
-                              backend="torch")
+        # on the kernels' thread count: with packed weights torch's own is 1 (runtime.threads),
+        # which suits the per-token ops but would leave a prompt's GEMM on one core
+        with _torch_threads(kernel_threads()):
+            return _kernel_linear(x, weight.dequantize(), bias, activation=activation, residual=residual,
+                                  backend="torch")
     x2 = x2.contiguous()
     y = _packed_matmul(x2, weight, kernel_threads())
     y = y.view(*x.shape[:-1], N)
@@ -195,6 +198,21 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
     if residual is not None:
         y += residual
     return y
+
+
+class _torch_threads:
+    """torch's intra-op threads set to ``n`` inside the block (unchanged when they already are)."""
+
+    def __init__(self, n: int):
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.before != self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.before != self.n:
+            torch.set_num_threads(self.before)
 
 
 def _packed_matmul(x2: torch.Tensor, weight, threads: int) -> torch.Tensor:

@@ -111,3 +111,21 @@ def test_cli_generate_and_chat_take_threads(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "--threads" in capsys.readouterr().out
+
+
+def test_long_prompt_gemm_runs_on_the_kernel_threads(monkeypatch):
+    """Past MAX_PACKED_ROWS the packed weight is dequantized for torch's GEMM, which then runs on
+    the kernels' thread count, and torch's own setting is restored after."""
+    from genfuse.runtime import quant
+    from gguf import quants
+
+    rng = np.random.default_rng(0)
+    blocks = quants.quantize(rng.standard_normal((16, 64)).astype(np.float32), T.Q8_0)
+    w = quant.PackedWeight(torch.from_numpy(blocks), "Q8_0", 64)
+    seen = []
+    real = quant._kernel_linear
+    monkeypatch.setattr(quant, "_kernel_linear", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    gthreads.set_threads(2, torch_threads=1)
+    x = torch.randn(quant.MAX_PACKED_ROWS + 1, 64)
+    torch.testing.assert_close(quant.linear(x, w), x @ w.dequantize().T)
+    assert seen == [2] and torch.get_num_threads() == 1
