@@ -382,3 +382,9 @@ def accelerate_pipeline(pipe, *, backend: Optional[str] = None, inplace: bool = 
         warnings.warn(f"genfuse.accelerate: the pipeline's vae decoder runs on genfuse; left on "
                       f"torch: {', '.join(left)}", stacklevel=3)
     return out
+
+
+try:  # importing this module registers "genfuse" (from_pretrained(attn_implementation="genfuse"))
+    register_attention()
+except ImportError:  # pragma: no cover - transformers not installed: accelerate() says so when asked
+    pass

@@ -108,8 +108,7 @@ def test_interpreter_runs_only_genfuse_kernels(kind, no_torch_compute):
 
 def test_attn_implementation_genfuse_at_from_pretrained(tmp_path):
     model = _tiny("llama")
-    model.save_pretrained(tmp_path)
-    accelerate_hf.register_attention()
+    model.save_pretrained(tmp_path)  # importing accelerate_hf (above) registered "genfuse"
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="genfuse").eval()
     assert loaded.config._attn_implementation == "genfuse"
     ids = torch.randint(2, V, (1, 9))
