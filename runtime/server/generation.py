@@ -196,7 +196,10 @@ def _deadline(state: ServerState, gen: Generation) -> float | None:
         return None
     return asyncio.get_running_loop().time() + state.request_timeout - (time.perf_counter() - gen.t0)
 
+
 async def collect(state: ServerState, gen: Generation, texts: list[str]) -> dict:
+    """Run a non-streamed request to its end: the response body (OpenAI's completion or chat
+    completion object); `APIError` for a timeout, an engine refusal, an abort or a model error."""
     try:
         async with contextlib.aclosing(_timed(gen.outputs(), _deadline(state, gen))) as outs:
             async for c, out in outs:
@@ -204,6 +207,7 @@ async def collect(state: ServerState, gen: Generation, texts: list[str]) -> dict
     except TimeoutError:
         raise _timeout_error(state) from None
     return _final_body(state, gen, texts)
+
 
 def _final_body(state: ServerState, gen: Generation, texts: list[str]) -> dict:
     req = gen.req
@@ -224,7 +228,12 @@ def _final_body(state: ServerState, gen: Generation, texts: list[str]) -> dict:
     obj = "text_completion" if req.kind == "completion" else "chat.completion"
     return {**base, "object": obj, "choices": choices, "usage": gen.usage()}
 
+
 async def stream(state: ServerState, gen: Generation, texts: list[str], info: dict) -> AsyncIterator[str]:
+    """The SSE payloads of a streamed request, in OpenAI's order: per choice the role (chat) or
+    the echoed prompt first, then its text chunks, then a chunk with its finish_reason (every
+    chunk the same id); the usage chunk (empty choices) when asked; "[DONE]" last. An error
+    after the headers went out is one ``{"error": ...}`` payload before "[DONE]"."""
     req = gen.req
     chat = req.kind == "chat"
     base = {"id": ("chatcmpl-" if chat else "cmpl-") + gen.rid,
