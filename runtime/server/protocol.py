@@ -27,7 +27,8 @@ from .errors import bad_request
 
 _log = logging.getLogger("genfuse.server")
 
-MAX_N = 16  # choices per request
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 1024  # prompts x n per request: a bigger batch is many requests' worth of seats
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
@@ -221,6 +222,9 @@ def parse_completion(body) -> GenerationRequest:
     if f.str("suffix"):
         raise bad_request("'suffix' is not supported", "suffix")
     c = _common(f, "completion")
+    if len(prompts) * c["n"] > MAX_CHOICES:
+        raise bad_request(f"{len(prompts)} prompts x n={c['n']} = {len(prompts) * c['n']} choices, more than "
+                          f"{MAX_CHOICES} per request", "prompt")
     logprobs = f.int("logprobs", None, 0, MAX_LOGPROBS)
     echo = f.bool("echo")
     if echo and logprobs is not None:

@@ -147,6 +147,8 @@ BAD = [  # (body or raw bytes, endpoint, status, param)
     ({"prompt": [1, "a"]}, "completions", 400, "prompt"),
     ({"prompt": [[1, 2], [3, 1.5]]}, "completions", 400, "prompt"),
     ({"prompt": [10**9]}, "completions", 400, "prompt"),
+    ({"prompt": ""}, "completions", 400, "prompt"),
+    ({"prompt": ["a"] * 300, "n": 4}, "completions", 400, "prompt"),
     ({"prompt": "x", "max_tokens": "16"}, "completions", 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": 0}, "completions", 400, "max_tokens"),
     ({"prompt": "x", "temperature": -1}, "completions", 400, "temperature"),
