@@ -12,6 +12,7 @@ import torch
 from genfuse.kernels._common import resolve_backend
 
 from .config import ModelConfig, load_config
+from .distributed import TPGroup, TPPlan
 from .models import FAMILIES
 from .quant import can_pack
 from .registry import DEFAULT_MODEL, resolve
@@ -33,8 +34,13 @@ class LoadedModel:
 
 
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: torch.dtype | None = None,
-               backend: str | None = None, keep_quantized: bool | None = None) -> LoadedModel:
-    """See `LLM` for the arguments; returns the loaded model and its tokenizer."""
+               backend: str | None = None, keep_quantized: bool | None = None,
+               tensor_parallel: tuple[int, int] | None = None) -> LoadedModel:
+    """See `LLM` for the arguments; returns the loaded model and its tokenizer.
+
+    ``tensor_parallel=(rank, world)``: keep rank ``rank``'s slice of the model
+    (runtime/distributed.py) and run its collectives on torch.distributed's default group, which
+    the caller has initialized; ``world == 1`` is the plain model."""
     resolved = resolve(model)
     dev = resolve_device(device)
     if dtype is None:
@@ -43,13 +49,16 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: 
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
     config = load_config(resolved.path)
     family = FAMILIES[config.arch]  # ModelConfig refuses an arch that has no family
+    tp = None
+    if tensor_parallel is not None and tensor_parallel[1] > 1:
+        tp = TPGroup(TPPlan.make(config, *tensor_parallel))  # refuses a sizing that cannot split
     packable = can_pack(dev, dtype, resolve_backend(backend, torch.empty(0, device=dev)))
     if keep_quantized and not packable:
         raise ValueError("keep_quantized=True needs the CPU, float32 and the torch ops (backend='torch', "
                          f"or None without TRITON_INTERPRET); got {dev}, {dtype}, backend={backend!r}")
     keep = packable if keep_quantized is None else bool(keep_quantized)
     sd = load_weights(resolved.path, config, dtype=dtype, device=dev, packed=keep)
-    net = family.model.from_state_dict(config, sd, backend=backend)
+    net = family.model.from_state_dict(config, sd, backend=backend, **({} if tp is None else {"tp": tp}))
     del sd
     try:
         tokenizer: Tokenizer | None = Tokenizer.load(resolved.path)

@@ -55,3 +55,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, inp, k
     write_kv_cache(k, v, k_pool[layer], v_pool[layer], inp.slot_mapping, validate=False, backend=backend)
     return unified_attention(q, k_pool[layer], v_pool[layer], inp.block_table, inp.seq_lens, inp.query_start_loc,
                              max_query_len=inp.max_query_len, validate=False, backend=backend)
+
+
+def add_terms(x: torch.Tensor, *terms) -> torch.Tensor:
+    """``x`` plus every term that is not None, in place: a row-parallel layer's bias and
+    residual, added once after its all-reduce (runtime/distributed.py)."""
+    for t in terms:
+        if t is not None:
+            x += t
+    return x

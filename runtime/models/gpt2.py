@@ -21,10 +21,12 @@ from genfuse.kernels import layer_norm
 
 from ..config import ConfigReader, ModelConfig, dtype_name, one_id
 from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
+    cat_rows,
     embedding,
     linear,
 )
-from .family import Family, attend
+from ..distributed import TPGroup, TPPlan, shard_cols, shard_rows, vocab_parallel_embedding
+from .family import Family, add_terms, attend
 
 
 @dataclass
@@ -45,17 +47,22 @@ class GPT2:
     """Weights plus the forward passes (inference only)."""
 
     def __init__(self, config: ModelConfig, wte: torch.Tensor, wpe: torch.Tensor, blocks: list[Block],
-                 ln_f: tuple[torch.Tensor, torch.Tensor], lm_head: torch.Tensor, *, backend: str | None = None):
+                 ln_f: tuple[torch.Tensor, torch.Tensor], lm_head: torch.Tensor, *, backend: str | None = None,
+                 tp: TPGroup | None = None):
         if config.arch != "gpt2":
             raise ValueError(f"GPT2 runs arch 'gpt2', not {config.arch!r}")
         self.config = config
         self.wte, self.wpe, self.blocks, self.ln_f, self.lm_head = wte, wpe, blocks, ln_f, lm_head
         self.backend = backend
         self.device, self.dtype = wte.device, wte.dtype
+        self.tp = tp  # this rank's heads (all of them without tensor parallelism)
+        self.num_heads = self.num_kv_heads = config.num_heads if tp is None else len(tp.plan.q_heads)
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor], *,
-                        backend: str | None = None) -> GPT2:
+                        backend: str | None = None, tp: TPGroup | None = None) -> GPT2:
+        if tp is not None:
+            sd = shard_state_dict(config, sd, tp.plan)
         blocks = []
         for i in range(config.num_layers):
             p = f"transformer.h.{i}."
@@ -70,7 +77,7 @@ class GPT2:
         wte = sd["transformer.wte.weight"]
         lm_head = wte if config.tie_word_embeddings else sd["lm_head.weight"]
         return cls(config, wte, sd["transformer.wpe.weight"], blocks,
-                   (sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]), lm_head, backend=backend)
+                   (sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]), lm_head, backend=backend, tp=tp)
 
     # ------------------------------------------------------------------ the engine's step
 
@@ -80,25 +87,60 @@ class GPT2:
     @torch.inference_mode()
     def forward_step(self, inp, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """One engine step over a flat batch; see `Llama.forward_step`. ``(S, vocab)`` float32."""
-        c, be = self.config, self.backend
-        N, H = inp.num_tokens, c.hidden_size
-        h = embedding(self.wte, inp.input_ids) + embedding(self.wpe, inp.positions)  # (N, hidden)
+        c, be, tp = self.config, self.backend, self.tp
+        N, H = inp.num_tokens, self.num_heads * c.head_dim  # H: this rank's q (= k = v) width
+        if tp is None:
+            h = embedding(self.wte, inp.input_ids)
+        else:
+            h = vocab_parallel_embedding(self.wte, inp.input_ids, tp)
+        h = h + embedding(self.wpe, inp.positions)  # (N, hidden)
         mlp_out = None
         for i, blk in enumerate(self.blocks):
             if mlp_out is None:
                 x = layer_norm(h, *blk.ln_1, c.norm_eps, backend=be)
             else:
                 x, h = layer_norm(mlp_out, *blk.ln_1, c.norm_eps, residual=h, backend=be)
-            qkv = linear(x, blk.w_qkv, blk.b_qkv, backend=be)  # (N, 3 * hidden)
-            q, k, v = (qkv[:, j * H:(j + 1) * H].view(N, c.num_heads, c.head_dim) for j in range(3))
+            qkv = linear(x, blk.w_qkv, blk.b_qkv, backend=be)  # (N, 3 H)
+            q, k, v = (qkv[:, j * H:(j + 1) * H].view(N, self.num_heads, c.head_dim) for j in range(3))
             y = attend(q, k, v, i, inp, k_pool, v_pool, be)  # (N, nh, hd)
-            h = linear(y.reshape(N, H), blk.w_o, blk.b_o, residual=h, backend=be)
+            if tp is None:
+                h = linear(y.reshape(N, H), blk.w_o, blk.b_o, residual=h, backend=be)
+            else:  # row-parallel: reduce, then the bias and the residual once
+                h = add_terms(tp.all_reduce(linear(y.reshape(N, H), blk.w_o, backend=be)), blk.b_o, h)
             x = layer_norm(h, *blk.ln_2, c.norm_eps, backend=be)
             x = linear(x, blk.w_fc, blk.b_fc, activation="gelu_tanh", backend=be)  # (N, inter)
-            mlp_out = linear(x, blk.w_proj, blk.b_proj, backend=be)  # (N, hidden)
+            if tp is None:
+                mlp_out = linear(x, blk.w_proj, blk.b_proj, backend=be)  # (N, hidden)
+            else:
+                mlp_out = add_terms(tp.all_reduce(linear(x, blk.w_proj, backend=be)), blk.b_proj)
         idx = inp.logits_indices
         x, _ = layer_norm(mlp_out[idx], *self.ln_f, c.norm_eps, residual=h[idx], backend=be)
-        return linear(x, self.lm_head, backend=be).float()  # (S, vocab)
+        logits = linear(x, self.lm_head, backend=be).float()  # (S, vocab), or this rank's vocab slice
+        return logits if tp is None else tp.gather_last_dim(logits)
+
+
+def shard_state_dict(config: ModelConfig, sd: dict, plan: TPPlan) -> dict:
+    """Rank ``plan.rank``'s slice (runtime/distributed.py): c_attn's q, k and v rows by heads,
+    attn c_proj columns by heads, mlp c_fc rows and c_proj columns by the intermediate size,
+    wte (and an untied head) rows by vocabulary; the rest replicated."""
+    Hd = config.hidden_size
+    rows = plan.head_rows(plan.q_heads, config.head_dim)
+    inter = slice(plan.intermediate.start, plan.intermediate.stop)
+    vocab = slice(plan.vocab.start, plan.vocab.stop)
+    out = {}
+    for name, w in sd.items():
+        if ".attn.c_attn." in name:  # [Wq; Wk; Wv] stacked: this rank's heads of each
+            w = cat_rows([shard_rows(w, slice(j * Hd + rows.start, j * Hd + rows.stop)) for j in range(3)])
+        elif name.endswith(".attn.c_proj.weight"):
+            w = shard_cols(w, rows)
+        elif ".mlp.c_fc." in name:
+            w = shard_rows(w, inter)
+        elif name.endswith(".mlp.c_proj.weight"):
+            w = shard_cols(w, inter)
+        elif name in ("transformer.wte.weight", "lm_head.weight"):
+            w = shard_rows(w, vocab)
+        out[name] = w
+    return out
 
 
 # --------------------------------------------------------------------------- loading

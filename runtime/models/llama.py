@@ -37,7 +37,8 @@ from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     embedding,
     linear,
 )
-from .family import Family, attend
+from ..distributed import TPGroup, TPPlan, shard_cols, shard_rows, vocab_parallel_embedding
+from .family import Family, add_terms, attend
 
 # --------------------------------------------------------------------------- rotary tables
 
@@ -88,7 +89,7 @@ class Llama:
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
                  norm: torch.Tensor, lm_head: torch.Tensor, rope_freqs: torch.Tensor | None = None,
-                 *, backend: str | None = None):
+                 *, backend: str | None = None, tp: TPGroup | None = None):
         if config.arch != "llama":
             raise ValueError(f"Llama runs arch 'llama', not {config.arch!r}")
         self.config = config
@@ -97,11 +98,19 @@ class Llama:
         self.backend = backend  # passed to every kernel: None | "triton" | "torch"
         self.device, self.dtype = embed.device, embed.dtype
         self.cos = self.sin = None  # rotary tables, built by setup_rope
+        # this rank's heads (all of them without tensor parallelism, runtime/distributed.py)
+        self.tp = tp
+        self.num_heads = config.num_heads if tp is None else len(tp.plan.q_heads)
+        self.num_kv_heads = config.num_kv_heads if tp is None else len(tp.plan.kv_heads)
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor], *,
-                        backend: str | None = None) -> Llama:
-        """From a canonical state dict (`runtime.weights`); concatenates QKV and gate/up."""
+                        backend: str | None = None, tp: TPGroup | None = None) -> Llama:
+        """From a canonical state dict (`runtime.weights`); concatenates QKV and gate/up. With
+        ``tp``, the full state dict is cut to this rank's slice first (`shard_state_dict`)."""
+        if tp is not None:
+            sd = shard_state_dict(config, sd, tp.plan)
+
         def cat_opt(*names):
             return torch.cat([sd[n] for n in names]) if names[0] in sd else None
 
@@ -124,7 +133,7 @@ class Llama:
         embed = sd["model.embed_tokens.weight"]
         lm_head = embed if config.tie_word_embeddings else sd["lm_head.weight"]
         return cls(config, embed, layers, sd["model.norm.weight"], lm_head, sd.get("model.rope_freqs"),
-                   backend=backend)
+                   backend=backend, tp=tp)
 
     # ------------------------------------------------------------------ the engine's step
 
@@ -143,9 +152,13 @@ class Llama:
         its new tokens (causal, bottom-right). Returns the logits of ``inp.logits_indices``,
         ``(S, vocab)`` float32. ``k_pool``/``v_pool``: ``(layers, blocks, block_size, Hkv, D)``.
         """
-        c, be = self.config, self.backend
-        N = inp.num_tokens
-        h = embedding(self.embed, inp.input_ids)  # (N, hidden): the residual stream
+        c, be, tp = self.config, self.backend, self.tp
+        N, D = inp.num_tokens, c.head_dim
+        qs, kvs = self.num_heads * D, self.num_kv_heads * D  # this rank's q / kv widths
+        if tp is None:
+            h = embedding(self.embed, inp.input_ids)  # (N, hidden): the residual stream
+        else:
+            h = vocab_parallel_embedding(self.embed, inp.input_ids, tp)
         mlp_out = None
         for i, lw in enumerate(self.layers):
             if mlp_out is None:
@@ -153,20 +166,56 @@ class Llama:
             else:
                 x, h = rms_norm(mlp_out, lw.input_norm, c.norm_eps, residual=h, backend=be)
             qkv = linear(x, lw.w_qkv, lw.b_qkv, backend=be)  # (N, q + 2 kv)
-            q = qkv[:, :c.q_size].view(N, c.num_heads, c.head_dim)
-            k = qkv[:, c.q_size:c.q_size + c.kv_size].view(N, c.num_kv_heads, c.head_dim)
-            v = qkv[:, c.q_size + c.kv_size:].view(N, c.num_kv_heads, c.head_dim)
+            q = qkv[:, :qs].view(N, self.num_heads, D)
+            k = qkv[:, qs:qs + kvs].view(N, self.num_kv_heads, D)
+            v = qkv[:, qs + kvs:].view(N, self.num_kv_heads, D)
             q, k = rotary_embedding(q.transpose(0, 1)[None], k.transpose(0, 1)[None], self.cos, self.sin,
                                     inp.positions, validate=False, backend=be)  # (1, H, N, D)
             q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)  # (N, H, D) views
             y = attend(q, k, v, i, inp, k_pool, v_pool, be)  # (N, Hq, D): write the pools, then attend
-            h = linear(y.reshape(N, c.q_size), lw.w_o, lw.b_o, residual=h, backend=be)
+            if tp is None:
+                h = linear(y.reshape(N, qs), lw.w_o, lw.b_o, residual=h, backend=be)
+            else:  # row-parallel: reduce the partial products, then the bias and residual once
+                h = add_terms(tp.all_reduce(linear(y.reshape(N, qs), lw.w_o, backend=be)), lw.b_o, h)
             x = rms_norm(h, lw.post_norm, c.norm_eps, backend=be)
             gu = linear(x, lw.w_gate_up, lw.b_gate_up, backend=be)  # (N, 2 * inter)
-            mlp_out = linear(swiglu(gu, backend=be), lw.w_down, lw.b_down, backend=be)  # (N, hidden)
+            if tp is None:
+                mlp_out = linear(swiglu(gu, backend=be), lw.w_down, lw.b_down, backend=be)  # (N, hidden)
+            else:
+                mlp_out = add_terms(tp.all_reduce(linear(swiglu(gu, backend=be), lw.w_down, backend=be)), lw.b_down)
         idx = inp.logits_indices
         x, _ = rms_norm(mlp_out[idx], self.norm, c.norm_eps, residual=h[idx], backend=be)  # (S, hidden)
-        return linear(x, self.lm_head, backend=be).float()  # (S, vocab)
+        logits = linear(x, self.lm_head, backend=be).float()  # (S, vocab), or this rank's vocab slice
+        return logits if tp is None else tp.gather_last_dim(logits)
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+
+def shard_state_dict(config: ModelConfig, sd: dict, plan: TPPlan) -> dict:
+    """Rank ``plan.rank``'s slice of a full canonical state dict (runtime/distributed.py): q/k/v
+    rows by heads, o_proj columns by query heads, gate/up rows and down columns by the
+    intermediate size, embedding and untied head rows by vocabulary; the rest replicated."""
+    D = config.head_dim
+    qrows, kvrows = plan.head_rows(plan.q_heads, D), plan.head_rows(plan.kv_heads, D)
+    inter = slice(plan.intermediate.start, plan.intermediate.stop)
+    vocab = slice(plan.vocab.start, plan.vocab.stop)
+    out = {}
+    for name, w in sd.items():
+        if ".self_attn.q_proj." in name:
+            w = shard_rows(w, qrows)
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            w = shard_rows(w, kvrows)
+        elif name.endswith(".self_attn.o_proj.weight"):
+            w = shard_cols(w, qrows)
+        elif ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+            w = shard_rows(w, inter)
+        elif name.endswith(".mlp.down_proj.weight"):
+            w = shard_cols(w, inter)
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = shard_rows(w, vocab)
+        out[name] = w
+    return out
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,0 +1,144 @@
+"""Tensor parallelism over `torch.distributed`: which slice of the model each rank holds, and the
+two collectives a step needs.
+
+The split (gpt-fast's ``tp.py``, vLLM's ``QKVParallelLinear`` / ``RowParallelLinear``):
+
+* attention: the query heads are split evenly over the ``world`` ranks; the KV heads too when
+  there are at least as many as ranks (``Hkv % world == 0``), else each KV head is replicated on
+  ``world / Hkv`` consecutive ranks (``world % Hkv == 0``), so every rank's query heads find
+  their group's KV head locally. q/k/v are column-parallel (rows of ``[Wq; Wk; Wv]``), ``o_proj``
+  is row-parallel (columns of ``Wo``): each rank's product is a partial sum, reduced by ONE
+  all-reduce, after which the bias and the residual are added once.
+* MLP: gate/up (GPT-2's c_fc) column-parallel over the intermediate size, down (c_proj)
+  row-parallel with ONE all-reduce. Two all-reduces per layer, no more.
+* embedding and LM head vocabulary-parallel: rank r holds rows ``[r V/N, (r+1) V/N)``; a token
+  outside them looks up zeros and one all-reduce assembles the embedding; each rank's logits
+  are its vocabulary slice, gathered (all-gather) for sampling.
+* norms, GPT-2's position table and the rotary tables are replicated.
+
+`check_tensor_parallel(config, world)` refuses a sizing that cannot split, with the numbers,
+before any process starts. `TPGroup` wraps the process group; with ``world == 1`` it is never
+built (the model code takes ``tp=None`` and runs its fused single-device path).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def check_tensor_parallel(config, world: int) -> None:
+    """ValueError naming the numbers unless ``config`` splits over ``world`` ranks."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {world!r}")
+    if world == 1:
+        return
+    hq, hkv = config.num_heads, config.num_kv_heads
+    problems = []
+    if hq % world:
+        problems.append(f"{hq} query heads are not divisible by {world}")
+    if hkv >= world and hkv % world:
+        problems.append(f"{hkv} KV heads are not divisible by {world}")
+    if hkv < world and world % hkv:
+        problems.append(f"{world} ranks are not a multiple of the {hkv} KV heads (needed to replicate them)")
+    if config.intermediate_size % world:
+        problems.append(f"intermediate size {config.intermediate_size} is not divisible by {world}")
+    if config.vocab_size % world:
+        problems.append(f"vocabulary size {config.vocab_size} is not divisible by {world}")
+    if problems:
+        raise ValueError(f"cannot split {config.model_type or config.arch} over tensor_parallel_size={world}: "
+                         + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """What rank ``rank`` of ``world`` holds (half-open index ranges into the full model)."""
+
+    rank: int
+    world: int
+    q_heads: range
+    kv_heads: range
+    intermediate: range
+    vocab: range
+
+    @classmethod
+    def make(cls, config, rank: int, world: int) -> TPPlan:
+        check_tensor_parallel(config, world)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside [0, {world})")
+        hq, hkv = config.num_heads, config.num_kv_heads
+        nq = hq // world
+        if hkv >= world:
+            nkv = hkv // world
+            kv = range(rank * nkv, (rank + 1) * nkv)
+        else:  # replicated: ranks r with the same r // (world / hkv) share one KV head
+            head = rank // (world // hkv)
+            kv = range(head, head + 1)
+        ni, nv = config.intermediate_size // world, config.vocab_size // world
+        return cls(rank, world, range(rank * nq, (rank + 1) * nq), kv,
+                   range(rank * ni, (rank + 1) * ni), range(rank * nv, (rank + 1) * nv))
+
+    def head_rows(self, heads: range, head_dim: int) -> slice:
+        return slice(heads.start * head_dim, heads.stop * head_dim)
+
+
+class TPGroup:
+    """A rank's view of its tensor-parallel process group: the plan and the two collectives."""
+
+    def __init__(self, plan: TPPlan, group=None):
+        self.plan, self.group = plan, group
+        self.rank, self.world = plan.rank, plan.world
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, in place (row-parallel partial products, the vocab-parallel embedding)."""
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` side by side along the last dimension (the vocab-parallel logits)."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def shard_rows(w, rows: slice):
+    """Rows ``rows`` of a weight (out, in) or a bias: dense tensors and packed GGUF blocks."""
+    from .quant import PackedRows, PackedWeight
+
+    if isinstance(w, PackedWeight):
+        return PackedWeight(w.data[rows], w.qtype, w.shape[1])
+    if isinstance(w, PackedRows):
+        raise ValueError("a weight packed in several formats cannot be split by rows yet")
+    return w[rows].contiguous()
+
+
+def shard_cols(w, cols: slice):
+    """Columns ``cols`` of a weight (out, in): the input split of a row-parallel layer. Packed
+    rows hold whole blocks of 32 values, so the split must fall on block boundaries."""
+    from .quant import BLOCK, BLOCK_BYTES, PackedWeight
+
+    if isinstance(w, PackedWeight):
+        if cols.start % BLOCK or cols.stop % BLOCK:
+            raise ValueError(f"a {w.qtype} weight splits along its input only at multiples of {BLOCK} "
+                             f"(asked for columns {cols.start}:{cols.stop})")
+        per = BLOCK_BYTES[w.qtype]
+        data = w.data[:, cols.start // BLOCK * per:cols.stop // BLOCK * per]
+        return PackedWeight(data.contiguous(), w.qtype, cols.stop - cols.start)
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"cannot split a {type(w).__name__} by columns")
+    return w[:, cols].contiguous()
+
+
+def vocab_parallel_embedding(table, tokens: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The embedding of ``tokens`` from this rank's vocabulary rows, summed over ranks."""
+    from .quant import embedding
+
+    lo, hi = tp.plan.vocab.start, tp.plan.vocab.stop
+    mine = (tokens >= lo) & (tokens < hi)
+    h = embedding(table, torch.where(mine, tokens - lo, 0))
+    h = h * mine[:, None].to(h.dtype)
+    return tp.all_reduce(h)
