@@ -225,9 +225,11 @@ def compare_model(args) -> dict[str, Any]:
     llama = LlamaCpp(llama_py, path, n_ctx=len(ids) + args.tokens + 8) if llama_py else None
 
     def run_genfuse(n, threads):
+        llm.set_threads(threads)  # genfuse's kernels on `threads`, torch's intra-op threads 1 (packed)
         return llm.generate([ids], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].token_ids
 
     def run_hf(n, threads):
+        torch.set_num_threads(threads)  # transformers: torch's intra-op threads
         with torch.no_grad():
             out = hf.generate(torch.tensor([ids], device=llm.device), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False)
@@ -241,9 +243,6 @@ def compare_model(args) -> dict[str, Any]:
     by_threads = []
     try:
         for threads in thread_counts:
-            torch.set_num_threads(threads)
-            if hasattr(llm, "set_threads"):
-                llm.set_threads(threads)
             total = {k: [] for k in impls}
             first = {k: [] for k in impls}
             tokens: dict[str, list[int]] = {}
@@ -276,6 +275,8 @@ def compare_model(args) -> dict[str, Any]:
                     row[f"genfuse_vs_{name}"] = (row["genfuse"]["decode_tokens_per_s"]["median"]
                                                  / row[name]["decode_tokens_per_s"]["median"])
             by_threads.append(row)
+            print(f"[model] {threads} thread(s): " + ", ".join(
+                f"{k} {row[k]['decode_tokens_per_s']['median']:.1f} tok/s" for k in impls), file=sys.stderr, flush=True)
     finally:
         if llama:
             llama.close()
