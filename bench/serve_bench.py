@@ -62,8 +62,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--prompt-words", default="8:96", help="MIN:MAX words per prompt (default 8:96)")
     p.add_argument("--output-tokens", default="16:64", help="MIN:MAX max_tokens (default 16:64)")
     p.add_argument("--threads", type=int, default=1,
-                   help="threads for each server (default 1: on a shared 2-core machine torch's 2-thread pool "
-                        "waits on descheduled threads, 5-10x slower steps)")
+                   help="CPU threads for each server (genfuse serve --threads, llama.cpp --n_threads; default 1)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="genfuse serve --num-kv-blocks")
     p.add_argument("--llama-cpp", default=None, metavar="PYTHON",
                    help="also run llama.cpp's server with this Python (one with llama-cpp-python[server])")
@@ -247,7 +246,8 @@ def _env(threads: int) -> dict:
 
 
 def start_genfuse(args) -> _Launched:
-    cmd = [sys.executable, "-m", "genfuse", "serve", args.model, "--port", "0", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "genfuse", "serve", args.model, "--port", "0", "--log-level", "warning",
+           "--threads", str(args.threads)]
     if args.num_kv_blocks:
         cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
 
@@ -291,13 +291,14 @@ def bench_server(name: str, url: str | None, model: str, extra: dict, args, leve
     """``url`` None: the in-process AsyncEngine baseline (``--in-process``)."""
     words, out = _range(args.prompt_words, "prompt-words"), _range(args.output_tokens, "output-tokens")
     if url is None:
-        import torch
-
         from genfuse.runtime.engine import AsyncEngine, Engine
 
-        torch.set_num_threads(args.threads)
+        from genfuse.runtime.server.launch import set_engine_threads
+
         kw = {"num_kv_blocks": args.num_kv_blocks} if args.num_kv_blocks else {}
-        aengine = AsyncEngine(Engine(args.model, **kw))
+        eng = Engine(args.model, **kw)
+        set_engine_threads(eng, args.threads)  # as genfuse serve --threads does
+        aengine = AsyncEngine(eng)
 
         def level_fn(reqs, **kw2):
             return run_level_in_process(aengine, reqs, **kw2)

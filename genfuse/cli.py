@@ -368,6 +368,8 @@ def _add_serve_parser(sub) -> None:
                    help="the model name clients use and /v1/models lists (default: MODEL as given)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error", "critical"),
                    help="log level (default info; access lines are logged at info)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for genfuse's kernels (default: the physical cores; as generate --threads)")
     engine_flags(p)
     p.set_defaults(func=_cmd_serve, _llm_parser=p)
 
@@ -385,7 +387,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cfg = ServerConfig(model=args.model, host=args.host, port=args.port, api_key=api_key,
                            max_waiting=args.max_waiting, request_timeout=args.request_timeout,
                            shutdown_timeout=args.shutdown_timeout, served_model_name=args.served_model_name,
-                           log_level=args.log_level, engine_kwargs=engine_kwargs)
+                           log_level=args.log_level, threads=args.threads, engine_kwargs=engine_kwargs)
     except ValueError as e:
         parser.error(str(e))
     except ImportError as e:

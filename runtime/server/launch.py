@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -40,6 +41,7 @@ class ServerConfig:
     request_timeout: float | None = None
     shutdown_timeout: float = 5.0
     log_level: str = "info"
+    threads: int | None = None  # CPU threads for genfuse's kernels (None: the physical cores), as LLM(threads=)
     engine_kwargs: dict = field(default_factory=dict)  # device, backend, EngineArgs...
 
     def __post_init__(self):
@@ -53,6 +55,9 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        from ..threads import check_threads
+
+        check_threads(self.threads)
 
 
 class _Server(uvicorn.Server):
@@ -113,6 +118,21 @@ def _setup_logging(level: str) -> None:
     root.setLevel(lvl)
 
 
+def set_engine_threads(engine, threads: int | None) -> None:
+    """CPU threads as `LLM` sets them (runtime/threads.py): genfuse's kernels get ``threads``
+    (default the physical cores); torch's intra-op pool 1 thread when packed GGUF weights carry
+    the model (its spinning threads would take the cores from the kernels' pool), else ``threads``."""
+    if engine.device.type != "cpu":
+        return
+    from ..threads import kernel_threads, set_threads
+
+    import torch
+
+    n = threads if threads is not None else kernel_threads()
+    set_threads(n, torch_threads=1 if engine.loaded.keep_quantized else threads)
+    _log.info("CPU threads: %d for genfuse's kernels, %d for torch", kernel_threads(), torch.get_num_threads())
+
+
 def serve(cfg: ServerConfig, *, engine_factory=None) -> int:
     """Run the server until SIGTERM / SIGINT; the exit code (0, 130 after SIGINT, 1 when the
     model failed to load). ``engine_factory``: builds the `Engine` (default
@@ -139,7 +159,7 @@ def serve(cfg: ServerConfig, *, engine_factory=None) -> int:
         shown = f"[{host}]" if ":" in host else host
         outcome["url"] = f"http://{shown}:{port}"
         print(f"genfuse serve: listening on {outcome['url']} (loading {cfg.model})", flush=True)
-        threading.Thread(target=load, name="genfuse-load", daemon=True).start()
+        loader.start()
 
     def loaded(engine):
         state.engine = AsyncEngine(engine)
@@ -152,13 +172,23 @@ def serve(cfg: ServerConfig, *, engine_factory=None) -> int:
     def load():
         try:
             engine = engine_factory() if engine_factory is not None else Engine(cfg.model, **cfg.engine_kwargs)
+            set_engine_threads(engine, cfg.threads)
         except BaseException as e:  # noqa: BLE001 - reported, and the server stops
-            loop_box["loop"].call_soon_threadsafe(failed, e)
-            return
-        loop_box["loop"].call_soon_threadsafe(loaded, engine)
+            done = functools.partial(failed, e)
+        else:
+            done = functools.partial(loaded, engine)
+        try:
+            loop_box["loop"].call_soon_threadsafe(done)
+        except RuntimeError:  # the loop is closed: stopped (SIGTERM) while loading, nothing to hand over
+            pass
 
+    # Not left running at exit: a daemon thread still loading (and logging) while the interpreter
+    # finalizes can abort the process; a stop during loading waits for the load to end instead.
+    loader = threading.Thread(target=load, name="genfuse-load", daemon=True)
     server.on_started = on_started
     server.run()
+    if loader.is_alive():
+        loader.join()
     if outcome["error"] is not None:
         raise outcome["error"]
     if server.started is False and not server.signals:

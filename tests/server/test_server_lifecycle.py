@@ -20,7 +20,7 @@ LONG = {"prompt": "Tell me a long story about a lighthouse keeper:", "max_tokens
 
 @pytest.fixture(scope="module")
 def server():
-    s = ServerProcess("--api-key", KEY, "--max-waiting", "2", "--max-num-seqs", "1", "--request-timeout", "2.5",
+    s = ServerProcess("--api-key", KEY, "--threads", "1", "--max-waiting", "2", "--max-num-seqs", "1", "--request-timeout", "2.5",
                       "--shutdown-timeout", "1", "--num-kv-blocks", "128", "--served-model-name", "smol",
                       api_key=KEY, env={"GENFUSE_API_KEY": "env-key"}).start()  # the flag wins
     yield s
@@ -47,6 +47,7 @@ def test_api_key(server):
     with pytest.raises(openai.AuthenticationError):
         server.openai(api_key="wrong").completions.create(model="smol", prompt="Hi", max_tokens=1)
     assert server.openai().models.list().data[0].id == "smol"  # --served-model-name
+    assert "CPU threads: 1 for genfuse's kernels, 1 for torch" in server.log()  # --threads
     with server.client() as c:
         assert c.post("/v1/completions", json={**body, "model": "smollm2-135m-instruct"}).status_code == 404
 
@@ -156,6 +157,7 @@ def test_sigterm_while_loading_exits_0():
     (["--request-timeout", "-1"], "request_timeout"),
     (["--max-num-seqs", "0"], "max_num_seqs"),
     (["--log-level", "loud"], "log-level"),
+    (["--threads", "0"], "threads"),
 ])
 def test_cli_refuses_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
