@@ -27,7 +27,7 @@ def tiny_gpt2(tmp_path_factory):
 
 
 def single(path):
-    loaded = load_model(path, device="cpu")
+    loaded = load_model(path, device="cpu", backend="torch")
     return single_sequence_steps(loaded.model, loaded.config, PROMPT, N_NEW)
 
 
@@ -100,3 +100,14 @@ def test_sizings_that_cannot_split_are_refused(kw, world, message):
 def test_refused_before_loading_weights(tiny_llama):
     with pytest.raises(ValueError, match=r"cannot split llama over tensor_parallel_size=3: 4 query heads"):
         load_model(tiny_llama, device="cpu", tensor_parallel=(0, 3))
+
+
+def test_smollm2_gguf_over_3():
+    # the real default model: 9 query / 3 KV heads, packed Q4_1/Q8_0 blocks split on block bounds
+    want_prefill, want_decode, want_tokens = single("smollm2-135m-instruct")
+    results = run_ranks(tp_rank_run, 3, "smollm2-135m-instruct", PROMPT, N_NEW)
+    for rank, ((prefill, decode, tokens), held, _) in enumerate(results):
+        assert held["kv_heads"] == [rank]
+        assert tokens == want_tokens, f"rank {rank}"
+        torch.testing.assert_close(torch.from_numpy(prefill), want_prefill, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(decode), want_decode, rtol=1e-5, atol=1e-4)

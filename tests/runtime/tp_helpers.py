@@ -93,11 +93,12 @@ def single_sequence_steps(model, config, prompt: list[int], n_new: int, *, block
 
 
 def tp_rank_run(rank, world, model_path, prompt, n_new):
-    """One rank: load the full model, keep this rank's shard, run `single_sequence_steps`."""
+    """One rank: load the full model, keep this rank's shard, run `single_sequence_steps` (the
+    CPU runtime's torch ops: the split does not depend on the backend, the interpreter is slow)."""
     from genfuse.runtime.distributed import TPGroup, TPPlan
     from genfuse.runtime.loader import load_model
 
-    loaded = load_model(model_path, device="cpu", tensor_parallel=(rank, world))
+    loaded = load_model(model_path, device="cpu", backend="torch", tensor_parallel=(rank, world))
     assert loaded.model.tp is None or loaded.model.tp.plan == TPPlan.make(loaded.config, rank, world)
     prefill, decode, tokens = single_sequence_steps(loaded.model, loaded.config, prompt, n_new)
     out = (prefill.numpy(), decode.numpy(), tokens)  # numpy pickles by value (a tensor would be shared memory)
