@@ -33,6 +33,12 @@ san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-poin
 (cd "$src" && CFLAGS="$san" CXXFLAGS="$san" LDFLAGS="-fsanitize=address,undefined" \
     "$py" setup.py -q build_ext --inplace >"$work/build.log" 2>&1) || { cat "$work/build.log"; exit 1; }
 
+# 2b. The integer-dot kernel alone, every path the CPU has, as a sanitized executable (leaks on).
+g++ -std=c++17 $san -ffp-contract=off -I"$src/csrc" "$src/csrc/tests/qdot_sanitize.cpp" "$src/csrc/qdot.cpp" \
+    "$src/csrc/quant_matmul.cpp" "$src/csrc/threads.cpp" -o "$work/qdot_sanitize" -lpthread >"$work/qdot_build.log" 2>&1 \
+    || { cat "$work/qdot_build.log"; exit 1; }
+ASAN_OPTIONS="abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" "$work/qdot_sanitize"
+
 # 3. Lay the copy out as the installed package (genfuse.kernels, genfuse.runtime, genfuse.bench
 #    live at the top of the repository) so every genfuse module comes from the copy, ahead of
 #    the editable install of the shared tree.
