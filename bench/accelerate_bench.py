@@ -122,6 +122,7 @@ def bench_generate(args) -> Dict[str, Any]:
 
 def _op_cases(device) -> Dict[str, tuple]:
     from genfuse import kernels as gk
+    from genfuse.kernels import ops  # noqa: F401  registers torch.ops.genfuse.*
 
     G = torch.ops.genfuse
     r = lambda *s: torch.randn(*s, device=device)  # noqa: E731

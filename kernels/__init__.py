@@ -2,6 +2,10 @@
 
 Every public op takes ``backend=None | "triton" | "torch"`` (see ``_common.resolve_backend``);
 ``<op>_reference`` is the torch op with the same signature that tests compare against.
+
+``import genfuse.kernels.ops`` registers them as ``torch.ops.genfuse.*`` (see that module). It is
+not imported here: ``torch.library.triton_op`` pulls in torch._dynamo and Inductor (3.3 s of
+import on this 2-core CPU), which a plain kernel call or the CLI does not need.
 """
 from ._common import poison_outputs
 from .attention import attention, attention_reference
@@ -30,5 +34,3 @@ __all__ = [
     "write_kv_cache", "write_kv_cache_reference",
     "unified_attention", "unified_attention_reference",
 ]
-
-from . import ops  # noqa: E402,F401  registers torch.ops.genfuse.* (after every kernel module)

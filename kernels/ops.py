@@ -1,6 +1,8 @@
 """The public kernels as PyTorch operators: ``torch.ops.genfuse.<name>``.
 
-Importing ``genfuse.kernels`` registers them (this module is imported by the package). What each
+``import genfuse.kernels.ops`` registers them (the package does not import this module:
+``triton_op`` pulls in torch._dynamo and Inductor, about 3.3 s of import here, which a plain
+kernel call does not need; `genfuse.accelerate` imports it for transformers models). What each
 operator is made of:
 
 * **One body for every device**, the same launcher the plain ``genfuse.kernels.<name>`` function

@@ -28,6 +28,7 @@ original's call signature and ``forward``.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from typing import List, Optional, Tuple
 
@@ -259,14 +260,19 @@ def accelerate(module, *, backend: Optional[str] = None, inplace: bool = False):
         in a single ``UserWarning``. The copy is an inference module: its fused weights are
         buffers, not parameters.
     """
-    from genfuse.runtime import accelerate_hf, vae  # here, not at the top: vae imports this module
+    from genfuse.runtime import vae  # here, not at the top: vae imports this module
 
-    if accelerate_hf.is_diffusers_pipeline(module):
-        return accelerate_hf.accelerate_pipeline(module, backend=backend, inplace=inplace)
+    # A transformers model or diffusers pipeline can only exist once its library is imported;
+    # only then is accelerate_hf (which imports transformers and torch.ops.genfuse) loaded.
+    if "transformers" in sys.modules or "diffusers" in sys.modules:
+        from genfuse.runtime import accelerate_hf
+
+        if accelerate_hf.is_diffusers_pipeline(module):
+            return accelerate_hf.accelerate_pipeline(module, backend=backend, inplace=inplace)
+        if accelerate_hf.is_transformers_model(module):
+            return accelerate_hf.accelerate_transformers(module, backend=backend, inplace=inplace)
     if not isinstance(module, nn.Module):
         raise TypeError(f"accelerate() takes an nn.Module or a diffusers pipeline, got {type(module).__name__}")
-    if accelerate_hf.is_transformers_model(module):
-        return accelerate_hf.accelerate_transformers(module, backend=backend, inplace=inplace)
     if inplace:
         raise ValueError("accelerate(inplace=True) is for transformers models and diffusers "
                          "pipelines; a conv stack is always rebuilt as a copy")

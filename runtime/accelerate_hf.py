@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import warnings
 from typing import List, Optional
 
@@ -52,18 +53,18 @@ _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", 
 
 
 def is_transformers_model(module: object) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency of the hf extra
+    if "transformers" not in sys.modules:  # no transformers model can exist yet
         return False
+    from transformers import PreTrainedModel
+
     return isinstance(module, PreTrainedModel)
 
 
 def is_diffusers_pipeline(obj: object) -> bool:
-    try:
-        from diffusers import DiffusionPipeline
-    except ImportError:  # pragma: no cover
+    if "diffusers" not in sys.modules:
         return False
+    from diffusers import DiffusionPipeline
+
     return isinstance(obj, DiffusionPipeline)
 
 
@@ -384,7 +385,13 @@ def accelerate_pipeline(pipe, *, backend: Optional[str] = None, inplace: bool = 
     return out
 
 
-try:  # importing this module registers "genfuse" (from_pretrained(attn_implementation="genfuse"))
+# Importing this module registers "genfuse" with transformers (from_pretrained(
+# attn_implementation="genfuse")) and torch.ops.genfuse.* (what the modules and the attention
+# function call while compiling). genfuse.accelerate imports it only for transformers / diffusers
+# objects, so a DCGAN's accelerate pays for neither.
+from genfuse.kernels import ops as _ops  # noqa: E402,F401
+
+try:
     register_attention()
 except ImportError:  # pragma: no cover - transformers not installed: accelerate() says so when asked
     pass

@@ -202,3 +202,15 @@ def test_reference_is_the_cpu_trace():
     out = torch.compile(lambda x: G.rms_norm(x, w, 1e-6), backend=backend, fullgraph=True)(x)
     torch.testing.assert_close(out, F.rms_norm(x, (16,), w, 1e-6))
     assert not any("genfuse" in s for s in seen) and any("rms_norm" in s or "rsqrt" in s for s in seen)
+
+
+def test_plain_import_does_not_load_the_compiler():
+    """`import genfuse.kernels` stays light; `import genfuse.kernels.ops` registers the ops."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, genfuse.kernels; assert 'torch._dynamo' not in sys.modules; "
+            "import genfuse.kernels.ops; print(torch.ops.genfuse.linear.default.name())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "genfuse::linear"
