@@ -133,6 +133,43 @@ def shard_cols(w, cols: slice):
     return w[:, cols].contiguous()
 
 
+# A family's `tp_split(name, config, plan)` says how a canonical tensor is cut: None (replicated),
+# or (dim, [slices]): the slices of that dimension (0: rows, 1: columns), concatenated.
+Split = tuple[int, list[slice]]
+
+
+def shard_tensor(w, split: Split | None):
+    """This rank's piece of one tensor (dense or packed) under ``split``."""
+    if split is None:
+        return w
+    dim, slices = split
+    if dim == 0:
+        from .quant import cat_rows
+
+        parts = [shard_rows(w, s) for s in slices]
+        return parts[0] if len(parts) == 1 else cat_rows(parts)
+    if len(slices) != 1:
+        raise ValueError("a column split takes one range")
+    return shard_cols(w, slices[0])
+
+
+def sharded_shape(shape: tuple[int, ...], split: Split | None) -> tuple[int, ...]:
+    if split is None:
+        return tuple(shape)
+    dim, slices = split
+    out = list(shape)
+    out[dim] = sum(len(range(*s.indices(shape[dim]))) for s in slices)
+    return tuple(out)
+
+
+def shard_state_dict(config, sd: dict, plan: TPPlan) -> dict:
+    """Rank ``plan.rank``'s slice of a full canonical state dict, as its family splits it."""
+    from .models import family_for
+
+    split = family_for(config.arch).tp_split
+    return {name: shard_tensor(w, split(name, config, plan)) for name, w in sd.items()}
+
+
 def vocab_parallel_embedding(table, tokens: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """The embedding of ``tokens`` from this rank's vocabulary rows, summed over ranks."""
     from .quant import embedding

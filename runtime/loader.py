@@ -57,7 +57,8 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: 
         raise ValueError("keep_quantized=True needs the CPU, float32 and the torch ops (backend='torch', "
                          f"or None without TRITON_INTERPRET); got {dev}, {dtype}, backend={backend!r}")
     keep = packable if keep_quantized is None else bool(keep_quantized)
-    sd = load_weights(resolved.path, config, dtype=dtype, device=dev, packed=keep)
+    sd = load_weights(resolved.path, config, dtype=dtype, device=dev, packed=keep,
+                      tp_plan=None if tp is None else tp.plan)
     net = family.model.from_state_dict(config, sd, backend=backend, **({} if tp is None else {"tp": tp}))
     del sd
     try:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, load_config
+from .distributed import shard_tensor, sharded_shape
 from .models import family_for
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -71,6 +72,10 @@ def expected_tensor_count(config: ModelConfig) -> int:
     return len(_top_shapes(config)) + config.num_layers * len(_layer_shapes(config, 0))
 
 
+def tp_split(name: str, config: ModelConfig, plan):
+    return family_for(config.arch).tp_split(name, config, plan)
+
+
 def _top_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = family_for(c.arch).top_shapes(c)
     if not c.tie_word_embeddings:
@@ -82,8 +87,9 @@ def _layer_shapes(c: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
     return family_for(c.arch).layer_shapes(c, i)
 
 
-def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """ValueError naming ``source`` unless the names and shapes are exactly the expected ones."""
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: str, tp_plan=None) -> None:
+    """ValueError naming ``source`` unless the names and shapes are exactly the expected ones
+    (with ``tp_plan``, those of that rank's slice)."""
     family = config.model_type or config.arch
     n_want = expected_tensor_count(config)
     if n_want > 2 * len(state_dict) + 64:
@@ -101,7 +107,9 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, s
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         raise ValueError(f"{source}: tensors do not match the {family} config: " + "; ".join(parts))
+    split = (lambda name: None) if tp_plan is None else (lambda name: tp_split(name, config, tp_plan))
     for name, shape in want.items():
+        shape = sharded_shape(shape, split(name))
         got = tuple(state_dict[name].shape)
         if got != shape:
             raise ValueError(f"{source}: {name} has shape {got}, the config implies {shape}")
@@ -112,26 +120,32 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, s
 
 def load_weights(path: str | os.PathLike, config: ModelConfig | None = None, *,
                  dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 packed: bool = False) -> dict[str, torch.Tensor]:
+                 packed: bool = False, tp_plan=None) -> dict[str, torch.Tensor]:
     """The canonical state dict of a model folder (safetensors) or a .gguf file.
 
     ``dtype=None`` keeps a safetensors file's own dtype and gives float32 for GGUF (quantized
     blocks dequantize to float32; F16/BF16 convert exactly). ``config`` defaults to
     `load_config(path)`. ``packed=True`` (GGUF, CPU, float32 only; see `runtime.quant`) keeps
     the Q4_0 / Q4_1 / Q8_0 matrices as `PackedWeight` blocks instead of dequantizing them.
+    ``tp_plan`` (`runtime.distributed.TPPlan`): keep only that rank's slice of each tensor, cut
+    as soon as the tensor is read, so a rank holds about 1/N of the split weights.
     """
     p = Path(path)
     if config is None:
         config = load_config(p)
+    if tp_plan is None:
+        cut = lambda name, t: t  # noqa: E731
+    else:
+        cut = lambda name, t: shard_tensor(t, tp_split(name, config, tp_plan))  # noqa: E731
     if p.is_dir():
-        sd = _load_folder(p, config, dtype, device)
+        sd = _load_folder(p, config, dtype, device, cut)
         source = str(p)
     elif p.suffix == ".gguf" and p.is_file():
-        sd = _load_gguf(p, config, dtype, device, packed)
+        sd = _load_gguf(p, config, dtype, device, packed, cut)
         source = str(p)
     else:
         raise ValueError(f"{p}: not a model folder or a .gguf file")
-    check_state_dict(sd, config, source)
+    check_state_dict(sd, config, source, tp_plan)
     return sd
 
 
@@ -220,7 +234,7 @@ def _canonical_hf_name(name: str, config: ModelConfig) -> str | None:
     return name
 
 
-def _load_folder(folder: Path, config: ModelConfig, dtype, device) -> dict[str, torch.Tensor]:
+def _load_folder(folder: Path, config: ModelConfig, dtype, device, cut) -> dict[str, torch.Tensor]:
     family = family_for(config.arch)
     sd: dict[str, torch.Tensor] = {}
     for name, t, f in iter_safetensors(safetensors_files(folder)):
@@ -230,7 +244,7 @@ def _load_folder(folder: Path, config: ModelConfig, dtype, device) -> dict[str, 
         t = family.hf_tensor(canon, t, str(f))
         if canon in sd:
             raise ValueError(f"{f}: {name} maps to {canon}, which another key already gave")
-        sd[canon] = _finish(t, dtype, device)
+        sd[canon] = _finish(cut(canon, t), dtype, device)
     return sd
 
 
@@ -306,7 +320,8 @@ def _packed_gguf_tensor(t, source: str, packed_weight):
         raise ValueError(f"{source}: tensor {t.name}: {e}") from e
 
 
-def _load_gguf(path: Path, config: ModelConfig, dtype, device, packed: bool = False) -> dict[str, torch.Tensor]:
+def _load_gguf(path: Path, config: ModelConfig, dtype, device, packed: bool = False,
+               cut=lambda name, t: t) -> dict[str, torch.Tensor]:
     from .gguf_io import open_gguf
     from .quant import QTYPES, PackedWeight
 
@@ -324,11 +339,11 @@ def _load_gguf(path: Path, config: ModelConfig, dtype, device, packed: bool = Fa
             heads = permuted_heads(canon, config, g.architecture)
             if heads is not None:
                 w = PackedWeight(unpermute_rotary(w.data, heads), w.qtype, w.shape[1])
-            sd[canon] = w
+            sd[canon] = cut(canon, w)
             continue
         w = torch.from_numpy(dequantize_gguf_tensor(t, str(path)))
         heads = permuted_heads(canon, config, g.architecture)
         if heads is not None:
             w = unpermute_rotary(w, heads)
-        sd[canon] = _finish(w, dtype, device)
+        sd[canon] = _finish(cut(canon, w), dtype, device)
     return sd

@@ -40,6 +40,9 @@ class Family:
     # GGUF rows to un-permute (llama.cpp's rotary layout): canonical name, config, GGUF arch ->
     # the number of heads to un-permute over, or None
     gguf_permuted_heads: Callable[[str, Any, str], int | None] = lambda canon, config, gguf_arch: None
+    # tensor parallelism (runtime/distributed.py): canonical name, config, TPPlan -> how this
+    # rank's piece is cut, (dim, [slices]), or None for a replicated tensor
+    tp_split: Callable[[str, Any, Any], tuple | None] = lambda name, config, plan: None
 
 
 # --------------------------------------------------------------------------- shared step plumbing

@@ -21,11 +21,10 @@ from genfuse.kernels import layer_norm
 
 from ..config import ConfigReader, ModelConfig, dtype_name, one_id
 from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
-    cat_rows,
     embedding,
     linear,
 )
-from ..distributed import TPGroup, TPPlan, shard_cols, shard_rows, vocab_parallel_embedding
+from ..distributed import TPGroup, TPPlan, vocab_parallel_embedding
 from .family import Family, add_terms, attend
 
 
@@ -61,9 +60,7 @@ class GPT2:
     @classmethod
     def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor], *,
                         backend: str | None = None, tp: TPGroup | None = None) -> GPT2:
-        if tp is not None:
-            sd = shard_state_dict(config, sd, tp.plan)
-        blocks = []
+        blocks = []  # with tp, sd is this rank's slice (see Llama.from_state_dict)
         for i in range(config.num_layers):
             p = f"transformer.h.{i}."
             blocks.append(Block(
@@ -119,28 +116,23 @@ class GPT2:
         return logits if tp is None else tp.gather_last_dim(logits)
 
 
-def shard_state_dict(config: ModelConfig, sd: dict, plan: TPPlan) -> dict:
-    """Rank ``plan.rank``'s slice (runtime/distributed.py): c_attn's q, k and v rows by heads,
-    attn c_proj columns by heads, mlp c_fc rows and c_proj columns by the intermediate size,
-    wte (and an untied head) rows by vocabulary; the rest replicated."""
-    Hd = config.hidden_size
-    rows = plan.head_rows(plan.q_heads, config.head_dim)
+def tp_split(name: str, config: ModelConfig, plan: TPPlan):
+    """How rank ``plan.rank`` cuts a tensor (runtime/distributed.py): c_attn's q, k and v rows by
+    heads, attn c_proj columns by heads, mlp c_fc rows and c_proj columns by the intermediate
+    size, wte (and an untied head) rows by vocabulary; None (replicated) for the rest."""
+    H, rows = config.hidden_size, plan.head_rows(plan.q_heads, config.head_dim)
+    if ".attn.c_attn." in name:  # [Wq; Wk; Wv] stacked: this rank's heads of each
+        return 0, [slice(j * H + rows.start, j * H + rows.stop) for j in range(3)]
+    if name.endswith(".attn.c_proj.weight"):
+        return 1, [rows]
     inter = slice(plan.intermediate.start, plan.intermediate.stop)
-    vocab = slice(plan.vocab.start, plan.vocab.stop)
-    out = {}
-    for name, w in sd.items():
-        if ".attn.c_attn." in name:  # [Wq; Wk; Wv] stacked: this rank's heads of each
-            w = cat_rows([shard_rows(w, slice(j * Hd + rows.start, j * Hd + rows.stop)) for j in range(3)])
-        elif name.endswith(".attn.c_proj.weight"):
-            w = shard_cols(w, rows)
-        elif ".mlp.c_fc." in name:
-            w = shard_rows(w, inter)
-        elif name.endswith(".mlp.c_proj.weight"):
-            w = shard_cols(w, inter)
-        elif name in ("transformer.wte.weight", "lm_head.weight"):
-            w = shard_rows(w, vocab)
-        out[name] = w
-    return out
+    if ".mlp.c_fc." in name:
+        return 0, [inter]
+    if name.endswith(".mlp.c_proj.weight"):
+        return 1, [inter]
+    if name in ("transformer.wte.weight", "lm_head.weight"):
+        return 0, [slice(plan.vocab.start, plan.vocab.stop)]
+    return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -246,4 +238,5 @@ FAMILY = Family(
     gguf_block={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
                 "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
     layer_prefix="transformer.h",
+    tp_split=tp_split,
 )

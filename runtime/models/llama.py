@@ -37,7 +37,7 @@ from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     embedding,
     linear,
 )
-from ..distributed import TPGroup, TPPlan, shard_cols, shard_rows, vocab_parallel_embedding
+from ..distributed import TPGroup, TPPlan, vocab_parallel_embedding
 from .family import Family, add_terms, attend
 
 # --------------------------------------------------------------------------- rotary tables
@@ -107,9 +107,8 @@ class Llama:
     def from_state_dict(cls, config: ModelConfig, sd: dict[str, torch.Tensor], *,
                         backend: str | None = None, tp: TPGroup | None = None) -> Llama:
         """From a canonical state dict (`runtime.weights`); concatenates QKV and gate/up. With
-        ``tp``, the full state dict is cut to this rank's slice first (`shard_state_dict`)."""
-        if tp is not None:
-            sd = shard_state_dict(config, sd, tp.plan)
+        ``tp``, ``sd`` is this rank's slice (`load_weights(..., tp_plan=)` or
+        `distributed.shard_state_dict`)."""
 
         def cat_opt(*names):
             return torch.cat([sd[n] for n in names]) if names[0] in sd else None
@@ -192,30 +191,25 @@ class Llama:
 # --------------------------------------------------------------------------- tensor parallelism
 
 
-def shard_state_dict(config: ModelConfig, sd: dict, plan: TPPlan) -> dict:
-    """Rank ``plan.rank``'s slice of a full canonical state dict (runtime/distributed.py): q/k/v
-    rows by heads, o_proj columns by query heads, gate/up rows and down columns by the
-    intermediate size, embedding and untied head rows by vocabulary; the rest replicated."""
+def tp_split(name: str, config: ModelConfig, plan: TPPlan):
+    """How rank ``plan.rank`` cuts a tensor (runtime/distributed.py): q/k/v rows by heads, o_proj
+    columns by query heads, gate/up rows and down columns by the intermediate size, embedding and
+    untied head rows by vocabulary; None (replicated) for the rest."""
     D = config.head_dim
-    qrows, kvrows = plan.head_rows(plan.q_heads, D), plan.head_rows(plan.kv_heads, D)
+    if ".self_attn.q_proj." in name:
+        return 0, [plan.head_rows(plan.q_heads, D)]
+    if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+        return 0, [plan.head_rows(plan.kv_heads, D)]
+    if name.endswith(".self_attn.o_proj.weight"):
+        return 1, [plan.head_rows(plan.q_heads, D)]
     inter = slice(plan.intermediate.start, plan.intermediate.stop)
-    vocab = slice(plan.vocab.start, plan.vocab.stop)
-    out = {}
-    for name, w in sd.items():
-        if ".self_attn.q_proj." in name:
-            w = shard_rows(w, qrows)
-        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-            w = shard_rows(w, kvrows)
-        elif name.endswith(".self_attn.o_proj.weight"):
-            w = shard_cols(w, qrows)
-        elif ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
-            w = shard_rows(w, inter)
-        elif name.endswith(".mlp.down_proj.weight"):
-            w = shard_cols(w, inter)
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            w = shard_rows(w, vocab)
-        out[name] = w
-    return out
+    if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+        return 0, [inter]
+    if name.endswith(".mlp.down_proj.weight"):
+        return 1, [inter]
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return 0, [slice(plan.vocab.start, plan.vocab.stop)]
+    return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -363,4 +357,5 @@ FAMILY = Family(
                 "ffn_down": "mlp.down_proj"},
     layer_prefix="model.layers",
     gguf_permuted_heads=gguf_permuted_heads,
+    tp_split=tp_split,
 )

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from genfuse.runtime.config import ModelConfig
-from genfuse.runtime.distributed import TPPlan, check_tensor_parallel
+from genfuse.runtime.distributed import TPPlan, check_tensor_parallel, shard_state_dict
 from genfuse.runtime.loader import load_model
-from genfuse.runtime.models.llama import shard_state_dict
 from genfuse.runtime.weights import load_weights
 from llm_helpers import tiny_folder
 from tp_helpers import run_ranks, single_sequence_steps, tp_rank_run
@@ -74,6 +73,9 @@ def test_shards_are_slices_of_the_full_weights(tiny_llama):
         assert torch.equal(sd[p + "input_layernorm.weight"], full[p + "input_layernorm.weight"])  # replicated
         held = sum(t.numel() for t in sd.values())
         assert held < 0.6 * sum(t.numel() for t in full.values())  # about half, plus the replicated norms
+        # the loader cuts each tensor as it reads it: the same slice, never the full dict
+        loaded = load_weights(tiny_llama, config, tp_plan=plan)
+        assert sorted(loaded) == sorted(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
 
 
 def _cfg(**kw):
