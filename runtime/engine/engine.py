@@ -31,7 +31,7 @@ import torch
 
 from ..loader import LoadedModel, load_model
 from ..registry import DEFAULT_MODEL
-from ..resources import check_memory
+from ..resources import check_memory, resolve_device
 from ..sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from .cuda_graphs import StepRunner
 from .kv_cache import KVCacheManager, kv_bytes_per_block
@@ -58,6 +58,8 @@ class EngineArgs:
     - ``enable_prefix_caching``: share the KV of equal prompt prefixes (on).
     - ``enable_chunked_prefill``: split long prompts over steps (on); off, a prompt must fit
       ``max_num_batched_tokens`` whole.
+    - ``tensor_parallel_size``: ranks the model is split over (1); above 1 the engine starts
+      N-1 CPU worker processes on gloo (`engine.tp_executor`; no CUDA/NCCL yet).
     """
 
     block_size: int = 16
@@ -68,6 +70,7 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         def pos_int(name, lo=1, hi=None, optional=False):
@@ -84,6 +87,7 @@ class EngineArgs:
         pos_int("max_num_seqs", 1, 1 << 20)
         pos_int("max_num_batched_tokens", optional=True)
         pos_int("max_model_len", 2, optional=True)
+        pos_int("tensor_parallel_size", 1, 64)
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("give num_kv_blocks or kv_cache_memory, not both")
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
@@ -201,14 +205,29 @@ class Engine:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))} "
                             f"(engine arguments: {', '.join(EngineArgs.names())})")
         args = EngineArgs(**engine_args)
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(
-            model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized)
+        self.tp = None
+        if args.tensor_parallel_size > 1:
+            if isinstance(model, LoadedModel):
+                raise ValueError("tensor_parallel_size > 1 needs a model name or path (every rank loads its slice)")
+            if resolve_device(device).type != "cpu":
+                raise ValueError("tensor_parallel_size > 1 runs on the CPU (gloo) for now; pass device='cpu'")
+            from .tp_executor import TPExecutor
+
+            self.tp = TPExecutor(model, args.tensor_parallel_size, dict(
+                device="cpu", dtype=dtype, backend=backend, keep_quantized=keep_quantized))
+            self.loaded = self.tp.loaded
+        else:
+            self.loaded = model if isinstance(model, LoadedModel) else load_model(
+                model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized)
         lm = self.loaded
         self.model, self.config, self.tokenizer = lm.model, lm.config, lm.tokenizer
+        if self.tp is not None:
+            self.model = self.tp.model  # broadcasts each step to the workers first
         self.device = lm.device
         c = self.config
+        kv_heads = getattr(self.model, "num_kv_heads", c.num_kv_heads)  # this rank's, under TP
 
-        per_block = kv_bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, args.block_size, lm.dtype)
+        per_block = kv_bytes_per_block(c.num_layers, kv_heads, c.head_dim, args.block_size, lm.dtype)
         num_blocks = args.num_kv_blocks
         if num_blocks is None:
             memory = args.kv_cache_memory
@@ -238,7 +257,9 @@ class Engine:
         self.args = args
         self.max_model_len = max_len
         self.model.setup_rope(max_len)
-        self.kv = KVCacheManager(num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+        if self.tp is not None:
+            self.tp.setup(num_blocks, args.block_size, max_len)
+        self.kv = KVCacheManager(num_layers=c.num_layers, num_kv_heads=kv_heads, head_dim=c.head_dim,
                                  num_blocks=num_blocks, block_size=args.block_size, dtype=lm.dtype,
                                  device=self.device, enable_prefix_caching=args.enable_prefix_caching,
                                  block_manager_cls=block_manager_cls)
@@ -343,6 +364,11 @@ class Engine:
             num_prompt_tokens=st.num_prompt_tokens, num_cached_prompt_tokens=st.num_cached_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens, finished=dict(self._finished))
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit); idempotent."""
+        if self.tp is not None:
+            self.tp.close()
+
     def step(self) -> list[RequestOutput]:
         """Run one model step; the outputs of every request that produced a token."""
         t0 = time.perf_counter()
@@ -350,6 +376,8 @@ class Engine:
         if not out.scheduled:
             return []
         self.kv.copy_blocks(out.copies)
+        if self.tp is not None:
+            self.tp.copy_blocks(out.copies)
         inp = self.kv.prepare(out)
         t1 = time.perf_counter()
         try:

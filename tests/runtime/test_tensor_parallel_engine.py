@@ -1,0 +1,66 @@
+"""The engine over tensor-parallel ranks: worker processes it starts itself (gloo on 127.0.0.1),
+the same outputs as one process for concurrent requests with prefix-cache hits, no process left
+behind, and a dead worker reported within the timeout."""
+import time
+
+import pytest
+
+from genfuse.runtime.engine import Engine
+from genfuse.runtime.engine.tp_executor import TensorParallelError
+from genfuse.runtime.sampling import SamplingParams
+from llm_helpers import tiny_folder
+
+SHARED = [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]  # > one block: cached
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return tiny_folder("llama", tmp_path_factory.mktemp("tp_engine") / "m")[1]
+
+
+def run_all(engine, prompts, n=6):
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return [got[str(i)] for i in range(len(prompts))]
+
+
+def test_engine_over_2_ranks_equals_one(tiny_llama):
+    prompts = [SHARED + [30 + i] * (i + 1) for i in range(4)] + [[40, 41, 42]]
+    want = run_all(Engine(str(tiny_llama), device="cpu", backend="torch", block_size=8), prompts)
+    engine = Engine(str(tiny_llama), device="cpu", backend="torch", block_size=8, tensor_parallel_size=2)
+    try:
+        procs = list(engine.tp.procs)
+        assert len(procs) == 1 and procs[0].is_alive()
+        assert engine.model.num_kv_heads == 1  # 2 KV heads over 2 ranks
+        assert run_all(engine, prompts) == want
+        assert engine.stats.num_cached_prompt_tokens > 0  # later prompts hit the shared prefix
+    finally:
+        engine.close()
+    for p in procs:
+        assert not p.is_alive()  # no orphan
+
+
+def test_a_dead_worker_is_reported(tiny_llama):
+    engine = Engine(str(tiny_llama), device="cpu", backend="torch", tensor_parallel_size=2)
+    try:
+        engine.tp.procs[0].kill()
+        engine.tp.procs[0].join(timeout=10)
+        engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
+        t0 = time.monotonic()
+        with pytest.raises(TensorParallelError, match="tensor-parallel worker"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - t0 < 130
+    finally:
+        engine.close()
+
+
+def test_bad_sizing_is_refused_before_any_process_starts(tiny_llama):
+    with pytest.raises(ValueError, match=r"cannot split llama over tensor_parallel_size=3: 4 query heads"):
+        Engine(str(tiny_llama), device="cpu", tensor_parallel_size=3)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size must be an int in \[1, 64\], got 0"):
+        Engine(str(tiny_llama), device="cpu", tensor_parallel_size=0)
