@@ -192,6 +192,8 @@ def engine_flags(p) -> None:
                    help="do not share the KV of equal prompt prefixes")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="run each prompt in one step")
+    g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="split the model over N ranks: N-1 worker processes on gloo, CPU only for now (default 1)")
 
 
 def _add_llm_parsers(sub) -> None:
@@ -235,7 +237,7 @@ def _sampling_params(args):
 
 
 ENGINE_FLAGS = ("block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_batched_tokens",
-                "max_num_seqs")
+                "max_num_seqs", "tensor_parallel_size")
 
 
 def _engine_args(args) -> dict:

@@ -100,8 +100,13 @@ class LLM:
                  dtype: torch.dtype | None = None, backend: str | None = None, cuda_graphs: bool | None = None,
                  keep_quantized: bool | None = None, threads: int | None = None, **engine_args):
         check_threads(threads)  # before the load: a bad value fails fast
-        loaded = load_model(model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized)
-        self.engine = Engine(loaded, cuda_graphs=cuda_graphs, **engine_args)
+        if engine_args.get("tensor_parallel_size", 1) not in (1, None):  # every rank loads its own slice
+            self.engine = Engine(model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized,
+                                 cuda_graphs=cuda_graphs, **engine_args)
+            loaded = self.engine.loaded
+        else:
+            loaded = load_model(model, device=device, dtype=dtype, backend=backend, keep_quantized=keep_quantized)
+            self.engine = Engine(loaded, cuda_graphs=cuda_graphs, **engine_args)
         self.runner = self.engine.runner
         self.name, self.device, self.dtype = loaded.name, loaded.device, loaded.dtype
         self.config, self.model = loaded.config, loaded.model

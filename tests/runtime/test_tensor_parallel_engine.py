@@ -64,3 +64,21 @@ def test_bad_sizing_is_refused_before_any_process_starts(tiny_llama):
         Engine(str(tiny_llama), device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match=r"tensor_parallel_size must be an int in \[1, 64\], got 0"):
         Engine(str(tiny_llama), device="cpu", tensor_parallel_size=0)
+
+
+def test_cli_generate_over_2_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    from llm_helpers import tiny_chat_folder
+
+    folder = tiny_chat_folder(tmp_path / "chat")
+    base = [sys.executable, "-m", "genfuse", "generate", "--model", str(folder), "--max-tokens", "8",
+            "--temperature", "0", "--backend", "torch", "--device", "cpu", "Hello"]
+    one = subprocess.run(base, capture_output=True, text=True, timeout=240)
+    two = subprocess.run(base + ["--tensor-parallel-size", "2"], capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    bad = subprocess.run(base + ["--tensor-parallel-size", "3"], capture_output=True, text=True, timeout=240)
+    assert bad.returncode != 0 and "4 query heads are not divisible by 3" in bad.stderr
+    assert "Traceback" not in bad.stderr
