@@ -5,6 +5,7 @@ What `LLM` and `Engine` share: both call `load_model` and then only use the retu
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from .registry import DEFAULT_MODEL, resolve
 from .resources import resolve_device
 from .tokenizer import Tokenizer, TokenizerNotFoundError
 from .weights import load_weights
+
+_log = logging.getLogger("genfuse")
 
 @dataclass
 class LoadedModel:
@@ -59,6 +62,13 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: 
     keep = packable if keep_quantized is None else bool(keep_quantized)
     sd = load_weights(resolved.path, config, dtype=dtype, device=dev, packed=keep,
                       tp_plan=None if tp is None else tp.plan)
+    if tp is not None:
+        pl = tp.plan
+        held = sum(getattr(t, "nbytes", 0) for t in sd.values())  # tensors and packed blocks
+        _log.info("tensor parallel rank %d/%d holds query heads %d-%d, KV heads %d-%d, intermediate %d-%d, "
+                  "vocabulary %d-%d: %.1f MiB of weights", pl.rank, pl.world, pl.q_heads.start, pl.q_heads.stop - 1,
+                  pl.kv_heads.start, pl.kv_heads.stop - 1, pl.intermediate.start, pl.intermediate.stop - 1,
+                  pl.vocab.start, pl.vocab.stop - 1, held / 2**20)
     net = family.model.from_state_dict(config, sd, backend=backend, **({} if tp is None else {"tp": tp}))
     del sd
     try:
