@@ -14,13 +14,16 @@ The default is the machine's physical cores available to this process (SMT sibli
 """
 from __future__ import annotations
 
+import functools
 import os
 
 _threads: int | None = None  # None: default_threads()
 
 
+@functools.lru_cache(maxsize=1)
 def default_threads() -> int:
-    """Physical cores in this process's CPU affinity (siblings of one core count once)."""
+    """Physical cores in this process's CPU affinity (siblings of one core count once). Read
+    once (sysfs files per CPU): every packed matmul asks for the thread count."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     cores = set()
     for cpu in cpus:
