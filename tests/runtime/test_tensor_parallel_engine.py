@@ -82,3 +82,17 @@ def test_cli_generate_over_2_ranks(tmp_path):
     bad = subprocess.run(base + ["--tensor-parallel-size", "3"], capture_output=True, text=True, timeout=240)
     assert bad.returncode != 0 and "4 query heads are not divisible by 3" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_readme_example_smollm2_over_3():
+    # README "Tensor parallelism": the real default model over 3 ranks, the same text as alone
+    import genfuse
+
+    params = genfuse.SamplingParams(max_tokens=6, temperature=0)
+    want = genfuse.LLM("smollm2-135m-instruct", backend="torch").generate("The capital of France is", params)[0]
+    llm = genfuse.LLM("smollm2-135m-instruct", backend="torch", tensor_parallel_size=3)
+    try:
+        got = llm.generate("The capital of France is", params)[0]
+    finally:
+        llm.engine.close()
+    assert got.text == want.text and got.token_ids == want.token_ids
