@@ -21,7 +21,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels.attention import attention, attention_reference
+from genfuse.kernels._attention import attention, attention_reference
 
 from .harness import Case
 

@@ -79,16 +79,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernel_module(family: str):
-    """``genfuse.kernels.<family>`` when installed (``python -m genfuse.bench...``), else the
-    checkout's ``kernels.<family>`` with the repository root on ``sys.path``."""
+    """The module ``genfuse.kernels._<family>`` when installed (``python -m genfuse.bench...``),
+    else the checkout's ``kernels._<family>`` with the repository root on ``sys.path``."""
     if __package__ and __package__.startswith("genfuse"):
-        return importlib.import_module(f"genfuse.kernels.{family}")
+        return importlib.import_module(f"genfuse.kernels._{family}")
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     # `python bench/compile_check.py` puts bench/ first on sys.path, where bench/kernels.py
     # (the benchmark) would shadow the kernels package: the root goes first, bench/ out.
     sys.path[:] = [root] + [d for d in sys.path if os.path.abspath(d or ".") not in (root, here)]
-    return importlib.import_module(f"kernels.{family}")
+    return importlib.import_module(f"kernels._{family}")
 
 
 # --------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels.conv2d import conv2d
+from genfuse.kernels._conv2d import conv2d
 
 from .harness import Case, flops_if_compute_bound
 

@@ -21,7 +21,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels.conv_transpose2d import conv_transpose2d
+from genfuse.kernels._conv_transpose2d import conv_transpose2d
 
 from .harness import Case, flops_if_compute_bound
 

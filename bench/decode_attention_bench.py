@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from genfuse.kernels.decode_attention import paged_attention, paged_attention_reference
+from genfuse.kernels._decode_attention import paged_attention, paged_attention_reference
 
 from . import harness
 

@@ -14,7 +14,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels.group_norm import group_norm
+from genfuse.kernels._group_norm import group_norm
 
 from .harness import Case
 

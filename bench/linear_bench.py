@@ -29,7 +29,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels.linear import linear
+from genfuse.kernels._linear import linear
 
 from .harness import Case
 

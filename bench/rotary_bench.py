@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from genfuse.kernels import rotary
+from genfuse.kernels import _rotary as rotary
 
 from .harness import Case
 

@@ -12,7 +12,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels.swiglu import swiglu
+from genfuse.kernels._swiglu import swiglu
 
 from .harness import Case
 

@@ -31,9 +31,9 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from genfuse.kernels.attention import attention
-from genfuse.kernels.decode_attention import paged_attention
-from genfuse.kernels.unified_attention import unified_attention, unified_attention_reference
+from genfuse.kernels._attention import attention
+from genfuse.kernels._decode_attention import paged_attention
+from genfuse.kernels._unified_attention import unified_attention, unified_attention_reference
 
 from . import harness
 

@@ -42,19 +42,18 @@ import torch
 from torch.library import custom_op, triton_op
 
 from . import _common
-# The functions, by name: ``from . import linear`` would give the function the package re-exports
-# (genfuse.kernels.linear is both a module and the function that hides it).
-from .attention import attention as _attention_fn
-from .conv2d import _strictly_channels_last, conv2d as _conv2d_fn
-from .conv_transpose2d import conv_transpose2d as _conv_transpose2d_fn
-from .decode_attention import paged_attention as _paged_attention_fn
-from .group_norm import group_norm as _group_norm_fn
-from .kv_cache import write_kv_cache as _write_kv_cache_fn
-from .linear import linear as _linear_fn
-from .norm import layer_norm as _layer_norm_fn, rms_norm as _rms_norm_fn
-from .rotary import rotary_embedding as _rotary_embedding_fn
-from .swiglu import swiglu as _swiglu_fn
-from .unified_attention import unified_attention as _unified_attention_fn
+# The launchers, aliased: each registered op below takes the plain function's name.
+from ._attention import attention as _attention_fn
+from ._conv2d import _strictly_channels_last, conv2d as _conv2d_fn
+from ._conv_transpose2d import conv_transpose2d as _conv_transpose2d_fn
+from ._decode_attention import paged_attention as _paged_attention_fn
+from ._group_norm import group_norm as _group_norm_fn
+from ._kv_cache import write_kv_cache as _write_kv_cache_fn
+from ._linear import linear as _linear_fn
+from ._norm import layer_norm as _layer_norm_fn, rms_norm as _rms_norm_fn
+from ._rotary import rotary_embedding as _rotary_embedding_fn
+from ._swiglu import swiglu as _swiglu_fn
+from ._unified_attention import unified_attention as _unified_attention_fn
 
 Tensor = torch.Tensor
 NAMES = ("attention", "paged_attention", "linear", "rms_norm", "add_rms_norm", "layer_norm",

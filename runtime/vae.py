@@ -30,7 +30,7 @@ and on the kernels:
   rescale_output_factor`` folded into its weights).
 
 Weights are cloned at build time into channels-last memory: the conv kernel's fast layout
-(see kernels/conv2d.py), and from the first conv on every activation is channels-last too, so
+(see kernels/_conv2d.py), and from the first conv on every activation is channels-last too, so
 the attention's ``(B, C, H, W) -> (B, H*W, C)`` token view is free.
 
 What it cannot rewrite (another up-block type, a resnet with a time embedding or its own
@@ -42,7 +42,6 @@ dropout is dropped (diffusers' VAEs use p = 0).
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import warnings
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from genfuse import kernels as gk
+from genfuse.kernels import _attention as attention_module
 
 from .accelerate import _conv_problem
 
@@ -177,7 +177,7 @@ class AttentionBlock(nn.Module):
                                f"with {heads} heads")
         head_dim = inner // heads
         # the kernel's head-dim limit, read when building (a later kernel may raise it)
-        limit = getattr(importlib.import_module("genfuse.kernels.attention"), "MAX_HEAD_DIM", None)
+        limit = getattr(attention_module, "MAX_HEAD_DIM", None)
         if limit is not None and head_dim > limit:
             raise _Unsupported(f"head dim {head_dim} is above the attention kernel's {limit}")
         self.norm = None if attn.group_norm is None else GroupNormAct(attn.group_norm, silu=False,

@@ -2,7 +2,6 @@
 (budget, timeouts, failures), the merge into results.json / summary.md (bench/gpu_summary.py)
 on results shaped like the benchmarks' own, the pytest sampling plugin (bench/gpu_pytest.py),
 and the quick autotune mode (GENFUSE_AUTOTUNE=quick) of every autotuned kernel."""
-import importlib
 import json
 import os
 import re
@@ -19,12 +18,13 @@ import triton
 from genfuse.bench import attention_bench, decode_attention_bench, gpu_pytest, gpu_summary, linear_bench
 from genfuse.bench import kernels as bench_kernels
 from genfuse.bench import norm_bench
+from genfuse.kernels import _attention as attention
 from genfuse.kernels import _common
-
-# the modules (genfuse.kernels exports functions of the same names)
-attention, conv2d, conv_transpose2d, decode_attention, group_norm, linear = (
-    importlib.import_module(f"genfuse.kernels.{m}")
-    for m in ("attention", "conv2d", "conv_transpose2d", "decode_attention", "group_norm", "linear"))
+from genfuse.kernels import _conv2d as conv2d
+from genfuse.kernels import _conv_transpose2d as conv_transpose2d
+from genfuse.kernels import _decode_attention as decode_attention
+from genfuse.kernels import _group_norm as group_norm
+from genfuse.kernels import _linear as linear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.sh")

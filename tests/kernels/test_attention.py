@@ -4,7 +4,6 @@ On CPU every Triton call runs in the interpreter, so shapes stay small; the awkw
 (ragged blocks, bottom-right causal with T != S, padded head dims, GQA, strided views) are
 what matters, not size. The gpu-marked cases at the end cover the multi-block CUDA tilings.
 """
-import importlib
 import math
 
 import pytest
@@ -12,8 +11,8 @@ import torch
 
 from helpers import DTYPES, assert_close, poisoned, to64
 
-attn_mod = importlib.import_module("genfuse.kernels.attention")  # the module, not the function
-from genfuse.kernels.attention import attention, attention_reference
+from genfuse.kernels import _attention as attn_mod
+from genfuse.kernels._attention import attention, attention_reference
 
 
 def _qkv(b, hq, hkv, t, s, d, dtype, device):

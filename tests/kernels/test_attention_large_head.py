@@ -5,14 +5,13 @@ full-width scores (genfuse.kernels.attention). On CPU the interpreter runs 128-w
 so D=512 has four chunk programs per query tile and D=300 three, the last one ragged; query
 and key lengths of 37 leave a ragged 5-row tile next to a full 32-row one.
 """
-import importlib
 
 import pytest
 import torch
-from genfuse.kernels.attention import MAX_HEAD_DIM, attention, attention_reference
+from genfuse.kernels._attention import MAX_HEAD_DIM, attention, attention_reference
 from helpers import DTYPES, assert_close, poisoned, to64
 
-attn_mod = importlib.import_module("genfuse.kernels.attention")
+from genfuse.kernels import _attention as attn_mod
 
 
 def _qkv(b, hq, hkv, t, s, d, dtype, device):

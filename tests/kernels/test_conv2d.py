@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DTYPES, assert_close, poisoned, to64
-from genfuse.kernels.conv2d import ACTIVATIONS, conv2d, conv2d_reference, fold_batchnorm
+from genfuse.kernels._conv2d import ACTIVATIONS, conv2d, conv2d_reference, fold_batchnorm
 
 
 def _inputs(n, c, h, w, k, r, s, dtype, device, *, bias=True):
@@ -204,7 +204,7 @@ def test_conv2d_errors(device):
 def test_negative_slope_checked(device, backend, slope, exc, match):
     # checked on both convs and both paths, before the kernel turns it into garbage (NaN slope)
     # or float() fails on it with a message naming nothing
-    from genfuse.kernels.conv_transpose2d import conv_transpose2d
+    from genfuse.kernels._conv_transpose2d import conv_transpose2d
     x, weight, _ = _inputs(1, 3, 4, 4, 4, 3, 3, torch.float32, device)
     with pytest.raises(exc, match=match):
         conv2d(x, weight, activation="leaky_relu", negative_slope=slope, backend=backend)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DTYPES, assert_close, poisoned, to64
-from genfuse.kernels.conv_transpose2d import (conv_transpose2d, conv_transpose2d_reference,
+from genfuse.kernels._conv_transpose2d import (conv_transpose2d, conv_transpose2d_reference,
                                               fold_batchnorm)
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import helpers
-from genfuse.kernels import decode_attention as da
-from genfuse.kernels.decode_attention import paged_attention, paged_attention_reference
+from genfuse.kernels import _decode_attention as da
+from genfuse.kernels._decode_attention import paged_attention, paged_attention_reference
 
 
 def make_inputs(device, dtype, *, B=3, Hq=9, Hkv=3, Tq=1, D=64, lens=(1, 37, 150), block_size=16,

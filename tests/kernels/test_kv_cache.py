@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import helpers
-from genfuse.kernels.kv_cache import write_kv_cache, write_kv_cache_reference
+from genfuse.kernels._kv_cache import write_kv_cache, write_kv_cache_reference
 
 
 def make_pools(device, dtype, num_blocks=7, block_size=16, Hkv=3, D=64):

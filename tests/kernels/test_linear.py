@@ -1,6 +1,5 @@
 """linear: act(x @ W.T + b) + r, both kernels (M <= 16 decode, M > 16 tiled GEMM), against a
 float64 reference; on CPU through Triton's interpreter."""
-import importlib
 import itertools
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from helpers import DTYPES, assert_close, poisoned, rel_error, to64
 
-from genfuse.kernels.linear import ACTIVATIONS, SMALL_M, linear, linear_reference
+from genfuse.kernels._linear import ACTIVATIONS, SMALL_M, linear, linear_reference
 
 
 def _make(m, n, k, dtype, device, *, bias=True, residual=True, lead=None):
@@ -211,7 +210,7 @@ def test_bf16_on_cpu_triton_refuses():
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_tuning_space(dtype, device):
-    mod = importlib.import_module("genfuse.kernels.linear")  # the module, not the function
+    from genfuse.kernels import _linear as mod
 
     x = torch.empty(1, dtype=dtype, device=device)
     smem, sms = mod._device_limits(x.device.index or 0)

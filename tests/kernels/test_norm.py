@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from genfuse.kernels import _common, norm
+from genfuse.kernels import _common
+from genfuse.kernels import _norm as norm
 from helpers import DTYPES, assert_close, poisoned, to64
 
 # Awkward sizes: 1, odd, SmolLM2's hidden 576, not a power of two, past one 4096 block.

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from genfuse.bench import rotary_bench
-from genfuse.kernels import _common, rotary
+from genfuse.kernels import _common
+from genfuse.kernels import _rotary as rotary
 from helpers import DTYPES, assert_close, poisoned, to64
 
 # (B, Hq, Hkv, T, D, r): MHA, GQA 9/3 (SmolLM2), MQA, head dims 64 and 80, partial rotary.

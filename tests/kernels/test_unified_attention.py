@@ -1,6 +1,5 @@
 """unified_attention (prefill chunks and decodes of a flat batch over the paged cache) against
 its float64 reference, and the reference against independent math."""
-import importlib
 
 import pytest
 import torch
@@ -8,9 +7,9 @@ import torch.nn.functional as F
 
 import helpers
 from genfuse.kernels import attention_reference
-from genfuse.kernels.unified_attention import unified_attention, unified_attention_reference
+from genfuse.kernels._unified_attention import unified_attention, unified_attention_reference
 
-ua = importlib.import_module("genfuse.kernels.unified_attention")  # the module (the package re-exports the function)
+from genfuse.kernels import _unified_attention as ua
 
 
 def make_batch(device, dtype, seqs, *, Hq=6, Hkv=2, D=64, block_size=16, width_extra=1, garbage=-1,

@@ -11,7 +11,6 @@ decoder (return_dict, slicing, tiling, warnings) run on the torch reference ops
 fp16 runs on the GPU only.
 """
 import copy
-import importlib
 import warnings
 
 import diffusers  # a test dependency (pyproject's test extra): the reference
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import DecoderOutput
+from genfuse.kernels import _attention as attention_module
 from genfuse.runtime import vae as vae_mod
 from helpers import rel_error
 from torch import nn
@@ -131,7 +131,7 @@ def test_sd_size_mid_block_attention(device):
         attn.group_norm.weight.uniform_(0.5, 1.5)
         attn.group_norm.bias.normal_(0, 0.3)
     attn = attn.eval().to(device)
-    if getattr(importlib.import_module("genfuse.kernels.attention"), "MAX_HEAD_DIM", 0) < 512:
+    if getattr(attention_module, "MAX_HEAD_DIM", 0) < 512:
         with pytest.raises(vae_mod._Unsupported, match="head dim 512 is above"):
             vae_mod.AttentionBlock(attn)
         return
@@ -222,7 +222,7 @@ def test_unsupported_parts_stay_torch_and_are_named_once(monkeypatch):
     vae.decoder.up_blocks[0].resnets[1].nonlinearity = nn.GELU()  # not fusable into group_norm
     vae.decoder.up_blocks[0].resnets[0].conv1 = nn.Conv2d(16, 16, 3, padding=1, groups=2)
     # an attention whose head dim is above the kernel's limit (SD sizes before D = 512 landed)
-    monkeypatch.setattr(importlib.import_module("genfuse.kernels.attention"), "MAX_HEAD_DIM", 8)
+    monkeypatch.setattr(attention_module, "MAX_HEAD_DIM", 8)
     with pytest.warns(UserWarning) as record:
         fast = genfuse.accelerate(vae, backend="torch")
     assert len(record) == 1 and record[0].filename == __file__  # points at the caller
@@ -277,7 +277,7 @@ def test_sd15_config_fp16_on_gpu():
         ref = vae.decode(z).sample
         half = copy.deepcopy(vae).half()
         theirs = half.decode(z.half()).sample
-    limit = getattr(importlib.import_module("genfuse.kernels.attention"), "MAX_HEAD_DIM", 0)
+    limit = getattr(attention_module, "MAX_HEAD_DIM", 0)
     with warnings.catch_warnings():
         if limit >= 512:  # the mid-block attention (one head, D = 512) runs on the kernel too
             warnings.simplefilter("error")

@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from . import _common
-from .conv2d import (IntPair, _activation_reference, _check_activation, _out_like, _pair,
+from ._conv2d import (IntPair, _activation_reference, _check_activation, _out_like, _pair,
                      _prune_tiles)
-from .conv2d import fold_batchnorm  # noqa: F401  (re-export; see the module docstring)
+from ._conv2d import fold_batchnorm  # noqa: F401  (re-export; see the module docstring)
 
 
 @triton.jit
