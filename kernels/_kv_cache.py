@@ -168,7 +168,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         return
     block_h, block_d, warps = _launch_settings(hkv, d)
     grid = (n, triton.cdiv(hkv, block_h))
-    _write_kv_cache_kernel[grid](
+    _common.traceable(_write_kv_cache_kernel)[grid](
         k, v, k_cache, v_cache, slot_mapping,
         num_blocks * block_size, hkv,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), slot_mapping.stride(0),

@@ -458,12 +458,12 @@ def unified_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_lo
     if _common.INTERPRET:
         block_m = max(16, min(_common.next_power_of_2(rows), _INTERPRET_MAX_ROWS), _common.next_power_of_2(GT))
         cfg = dict(meta, BLOCK_M=block_m, BLOCK_N=_INTERPRET_BLOCK_N)
-        _unified_attention_kernel[grid(cfg)](*args, **cfg, num_warps=4)
-    elif rows > _MAX_ROWS:
-        _tuned_prefill[grid](*args, **meta)
+        _common.traceable(_unified_attention_kernel)[grid(cfg)](*args, **cfg, num_warps=4)
+    elif rows > _MAX_ROWS:  # (traceable: wrap_triton while torch.compile traces the triton_op)
+        _common.traceable(_tuned_prefill)[grid](*args, **meta)
     else:
         block_m = max(16, _common.next_power_of_2(rows), _common.next_power_of_2(GT))
-        _tuned_rows[grid](*args, **meta, BLOCK_M=block_m)
+        _common.traceable(_tuned_rows)[grid](*args, **meta, BLOCK_M=block_m)
     return out
 
 

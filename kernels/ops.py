@@ -8,15 +8,15 @@ operator is made of:
 * **One body for every device**, the same launcher the plain ``genfuse.kernels.<name>`` function
   runs: on CUDA tensors the Triton kernels, on CPU tensors the torch reference (or Triton's
   interpreter when ``TRITON_INTERPRET=1``, exactly as the plain function picks).
-* ``torch.library.triton_op`` for the kernels whose launchers live in ``genfuse.kernels`` files
-  that launch through ``_common.launch`` (every launch is wrapped by ``wrap_triton`` while a
+* ``torch.library.triton_op`` for every kernel; their launchers launch through
+  ``_common.launch`` / ``_common.traceable`` (every launch is wrapped by ``wrap_triton`` while a
   tracer runs): ``torch.compile`` decomposes the operator during AOT dispatch and sees the
   Triton launches themselves (Inductor can then schedule them) on CUDA, and the torch
   reference ops on CPU (Inductor compiles those to C++). ``torch.export`` keeps the operator
   as one node, as PyTorch does for every triton_op.
-* ``unified_attention`` and ``write_kv_cache`` are ``torch.library.custom_op``s: their launchers
-  (the engine's kernels) launch Triton directly, so the operators are opaque to the compiler
-  (a single node with a fake implementation; no graph break either way).
+* on CPU under a tracer, the three paged kernels (``paged_attention``, ``unified_attention``,
+  ``write_kv_cache``) run twins of their references that never read the index tensors on the
+  host (a tracer has no data), checked against the plain functions in tests/kernels/test_ops.py.
 * A fake (meta) implementation for each, so shapes, dtypes and strides propagate without
   running anything (``torch.compile``, ``torch.export``, ``FakeTensorMode``).
 * Schemas that say what is mutated: only ``write_kv_cache`` mutates (its two caches); every
@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-from torch.library import custom_op, triton_op
+from torch.library import triton_op
 
 from . import _common
 # The launchers, aliased: each registered op below takes the plain function's name.
@@ -134,14 +134,44 @@ def _(q, k_cache, v_cache, block_table, seq_lens, scale=None, num_splits=None):
     return q.new_empty(q.shape)
 
 
-@custom_op("genfuse::unified_attention", mutates_args=())
+@triton_op("genfuse::unified_attention", mutates_args=())
 def unified_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                       seq_lens: Tensor, query_start_loc: Tensor, scale: Optional[float] = None,
                       max_query_len: Optional[int] = None) -> Tensor:
-    """``genfuse.kernels.unified_attention`` (q ``(N, Hq, D)``, paged caches): opaque."""
-    return _unified_attention_fn(q, k_cache, v_cache, block_table, seq_lens,
-                                                query_start_loc, scale=scale,
-                                                max_query_len=max_query_len)
+    """``genfuse.kernels.unified_attention`` (q ``(N, Hq, D)``, paged caches, the engine's flat
+    step of prefill chunks and decodes)."""
+    if _backend(q) == "torch":  # tracing on CPU: the torch path reads the tables on the host
+        return _unified_attention_traced(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale)
+    return _unified_attention_fn(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale=scale,
+                                 max_query_len=max_query_len, validate=_validate())
+
+
+def _unified_attention_traced(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale):
+    """``unified_attention_reference`` without host reads, for tracers: each query row finds its
+    sequence by a search over ``query_start_loc``, gathers every table entry of it (``L = W *
+    block_size`` keys; entries past the sequence clamped into the pool and masked) and hides the
+    keys past its bottom-right causal limit. Memory ``O(N * L)``: a tracing path, not a fast one."""
+    N, Hq, D = q.shape
+    num_blocks, block_size, Hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    L = block_table.shape[1] * block_size
+    scale = D ** -0.5 if scale is None else scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qsl, lens = query_start_loc.long(), seq_lens.long()
+    rows = torch.arange(N, device=q.device)
+    seq = torch.searchsorted(qsl[1:], rows, right=True)                        # (N,) each row's sequence
+    t = rows - qsl[seq]                                                         # its index among the new tokens
+    q_len = (qsl[1:] - qsl[:-1])[seq]
+    blocks = block_table.long().clamp(0, num_blocks - 1)[seq]                   # (N, W)
+    k = k_cache[blocks].reshape(N, L, Hkv, D).to(compute)
+    v = v_cache[blocks].reshape(N, L, Hkv, D).to(compute)
+    j = torch.arange(L, device=q.device)
+    visible = j[None, :] <= (lens[seq] - q_len + t)[:, None]                    # (N, L)
+    v = v.masked_fill(~visible[:, :, None, None], 0)  # a NaN in a hidden slot must not leak via 0 * NaN
+    qg = q.to(compute).view(N, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("nhgd,nlhd->nhgl", qg, k) * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    out = torch.einsum("nhgl,nlhd->nhgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(N, Hq, D).to(q.dtype)
 
 
 @unified_attention.register_fake
@@ -149,11 +179,27 @@ def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, scale=None, m
     return q.new_empty(q.shape)
 
 
-@custom_op("genfuse::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+@triton_op("genfuse::write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                    slot_mapping: Tensor) -> None:
     """``genfuse.kernels.write_kv_cache``: stores k/v ``(N, Hkv, D)`` in the caches in place."""
-    _write_kv_cache_fn(k, v, k_cache, v_cache, slot_mapping)
+    if _backend(k) == "torch":  # tracing on CPU: the torch path reads the slots on the host
+        _write_kv_cache_traced(k, v, k_cache, v_cache, slot_mapping)
+        return
+    _write_kv_cache_fn(k, v, k_cache, v_cache, slot_mapping, validate=_validate())
+
+
+def _write_kv_cache_traced(k, v, k_cache, v_cache, slot_mapping):
+    """The write without host reads, for tracers: padding slots (< 0 or past the pool) go to one
+    extra scratch row of a copy of the pool, which is copied back without that row."""
+    num_blocks, block_size, hkv, d = k_cache.shape
+    cap = num_blocks * block_size
+    s = slot_mapping.long()
+    s = torch.where((s >= 0) & (s < cap), s, cap)
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        ext = torch.cat([cache.reshape(cap, hkv, d), cache.new_zeros(1, hkv, d)])
+        ext.index_copy_(0, s, x)
+        cache.copy_(ext[:cap].view(num_blocks, block_size, hkv, d))
 
 
 @write_kv_cache.register_fake

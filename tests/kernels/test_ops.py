@@ -214,3 +214,57 @@ def test_plain_import_does_not_load_the_compiler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "genfuse::linear"
+
+
+def _step_batch(poison=True):
+    """A mixed engine step (a chunk after a prefix, a decode, a whole prompt, a sequence with no
+    query) over a shuffled pool; unwritten slots hold NaN, as a fresh pool may."""
+    from test_unified_attention import make_batch
+
+    q, kc, vc, table, lens, qsl = make_batch("cpu", torch.float32, [(9, 4), (20, 1), (0, 6), (5, 0)],
+                                             Hq=6, Hkv=2, D=16, block_size=8, garbage=0)
+    if poison:
+        written = torch.zeros(kc.shape[:2], dtype=torch.bool)
+        for b, L in enumerate(lens.tolist()):
+            for j in range(L):
+                written[table[b, j // 8], j % 8] = True
+        kc[~written] = float("nan")
+        vc[~written] = float("nan")
+    return q, kc, vc, table, lens, qsl
+
+
+def test_traced_twins_match_the_functions():
+    q, kc, vc, table, lens, qsl = _step_batch()
+    want = gk.unified_attention(q, kc, vc, table, lens, qsl, backend="torch")
+    got = ops._unified_attention_traced(q, kc, vc, table, lens, qsl, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    k, v = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    slots = torch.tensor([3, -1, 17, 10**6])  # padding and a slot past the pool are skipped
+    want_k, want_v = kc.clone(), vc.clone()
+    gk.write_kv_cache(k, v, want_k, want_v, slots, validate=False, backend="torch")
+    ops._write_kv_cache_traced(k, v, kc, vc, slots)
+    torch.testing.assert_close(kc, want_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(vc, want_v, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_engine_step_compiles_fullgraph(backend):
+    """write_kv_cache then unified_attention, as a model layer runs them, under
+    torch.compile(fullgraph=True): the same output and the same pool as eager."""
+    q, kc, vc, table, lens, qsl = _step_batch(poison=False)
+    N = q.shape[0]
+    k, v = torch.randn(N, 2, 16), torch.randn(N, 2, 16)
+    starts = (lens - (qsl[1:] - qsl[:-1])).tolist()  # each sequence's new tokens go at its end
+    slots = torch.cat([table[b, (torch.arange(s, L) // 8)].long() * 8 + torch.arange(s, L) % 8
+                       for b, (s, L) in enumerate(zip(starts, lens.tolist()))])
+
+    def layer(q, k, v, kc, vc):
+        G.write_kv_cache(k, v, kc, vc, slots)
+        return G.unified_attention(q, kc, vc, table, lens, qsl, None, 6)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = layer(q, k, v, kc2, vc2)
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend=backend)(q, k, v, kc, vc)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kc, kc2, rtol=0, atol=0)
