@@ -26,7 +26,9 @@ from __future__ import annotations
 import os
 
 import torch
+from genfuse.kernels import ACTIVATIONS
 from genfuse.kernels import linear as _kernel_linear
+from genfuse.kernels._common import check_activation, epilogue_reference
 
 from .threads import kernel_threads
 
@@ -179,6 +181,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the packed weight {tuple(weight.shape)} takes {K}")
+    check_activation(activation, ACTIVATIONS)  # before any work, with linear's own message
     x2 = x.reshape(-1, K)
     if x2.dtype != torch.float32 or x2.device.type != "cpu":
         raise ValueError(f"packed weights multiply float32 CPU inputs, got {x2.dtype} on {x2.device}")
@@ -194,7 +197,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
     if bias is not None:
         y += bias
     if activation is not None:
-        y = _activation(y, activation)
+        y = epilogue_reference(y, activation)  # the kernels' own epilogue table (genfuse.kernels._common)
     if residual is not None:
         y += residual
     return y
@@ -224,22 +227,6 @@ def _packed_matmul(x2: torch.Tensor, weight, threads: int) -> torch.Tensor:
         return y
     outs = [_packed_matmul(x2, p, threads) for p in weight.parts]  # PackedRows: one call a part
     return torch.cat(outs, dim=1)
-
-
-def _activation(y: torch.Tensor, name: str) -> torch.Tensor:
-    import torch.nn.functional as F
-
-    if name == "relu":
-        return y.relu_()
-    if name == "silu":
-        return F.silu(y, inplace=True)
-    if name == "gelu":
-        return F.gelu(y)
-    if name == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if name == "tanh":
-        return y.tanh_()
-    raise ValueError(f"unknown activation {name!r}")
 
 
 def embedding(table, tokens: torch.Tensor) -> torch.Tensor:

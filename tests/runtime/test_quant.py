@@ -126,7 +126,7 @@ def _packed_weight(N, K, qtype, seed=0):
 
 
 @pytest.mark.parametrize("M", [1, 3, quant.MAX_PACKED_ROWS + 5])  # the last one takes the dequantize + GEMM path
-@pytest.mark.parametrize("activation", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("activation", [None, "silu", "gelu_tanh", "relu", "gelu", "tanh"])  # every epilogue
 def test_linear_with_epilogue_matches_dense(M, activation):
     from genfuse.kernels import linear_reference
 
@@ -139,9 +139,15 @@ def test_linear_with_epilogue_matches_dense(M, activation):
     assert got.shape == (1, M, 40) and got.dtype == torch.float32
     if M > quant.MAX_PACKED_ROWS:  # float32 GEMM on the dequantized weight
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    else:  # integer dots on Q8 activations: the activation bound (silu, gelu_tanh are 1.2-Lipschitz)
+    else:  # integer dots on Q8 activations: the activation bound (each epilogue is 1.2-Lipschitz)
         bound = 1.2 * torch.from_numpy(activation_bound(x[0].numpy(), deq.numpy())) + 1e-5
         assert torch.all((got[0].double() - want[0]).abs() <= bound)
+
+
+def test_linear_refuses_an_unknown_activation_before_any_work():
+    w, _ = _packed_weight(8, 32, T.Q8_0)
+    with pytest.raises(ValueError, match=r"activation must be one of \(None, 'relu'.*got 'swish'"):
+        quant.linear(torch.randn(2, 32), w, activation="swish")
 
 
 def test_linear_dense_weights_go_to_the_kernel_library():
