@@ -12,6 +12,7 @@ a collective times out (a dead or hung peer makes the others fail within ``timeo
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import traceback
 import weakref
@@ -22,7 +23,22 @@ from .kv_cache import StepInputs
 
 _STEP, _COPY, _STOP, _SETUP = 1, 2, 3, 4
 _HEADER = 10  # int64: command, payload length, N, B, W, S, max_query_len, max_seq_len, spare x2
+# how long a collective waits for a peer before failing (a dead or hung rank); the environment
+# variable GENFUSE_TP_TIMEOUT_S overrides it
 DEFAULT_TIMEOUT_S = 120.0
+
+
+def collective_timeout_s() -> float:
+    raw = os.environ.get("GENFUSE_TP_TIMEOUT_S")
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise ValueError(f"GENFUSE_TP_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
+    return value
 
 
 class TensorParallelError(RuntimeError):
@@ -101,7 +117,7 @@ def _worker(rank: int, world: int, init_method: str, model, load_kwargs: dict, t
 class TPExecutor:
     """Rank 0's side: starts the workers, holds rank 0's slice, broadcasts every step."""
 
-    def __init__(self, model, world: int, load_kwargs: dict, *, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, model, world: int, load_kwargs: dict, *, timeout_s: float | None = None):
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
@@ -111,6 +127,7 @@ class TPExecutor:
         from ..registry import resolve
 
         check_tensor_parallel(load_config(resolve(model).path), world)  # before any process starts
+        timeout_s = collective_timeout_s() if timeout_s is None else timeout_s
         self.world, self.timeout_s, self.procs = world, timeout_s, []
         self.owns_group = not dist.is_initialized()
         if self.owns_group:
@@ -207,5 +224,11 @@ class _RankZeroModel:
         self._net.setup_rope(max_len)
 
     def forward_step(self, inp: StepInputs, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
         self._ex.step(inp)
-        return self._net.forward_step(inp, k_pool, v_pool)
+        try:
+            return self._net.forward_step(inp, k_pool, v_pool)
+        except dist.DistError as e:  # a collective inside the step: a peer died, hung or failed
+            raise TensorParallelError(f"a tensor-parallel collective failed (a worker died, hung past "
+                                      f"{self._ex.timeout_s:.0f} s, or failed): {e}") from e

@@ -96,3 +96,30 @@ def test_readme_example_smollm2_over_3():
     finally:
         llm.engine.close()
     assert got.text == want.text and got.token_ids == want.token_ids
+
+
+def test_a_hung_worker_fails_the_step_within_the_timeout(tiny_llama, monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setenv("GENFUSE_TP_TIMEOUT_S", "5")
+    engine = Engine(str(tiny_llama), device="cpu", backend="torch", tensor_parallel_size=2)
+    worker = engine.tp.procs[0]
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)  # alive but answering nothing
+        engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
+        t0 = time.monotonic()
+        with pytest.raises(TensorParallelError, match="tensor-parallel"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - t0 < 60
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        engine.close()
+    assert not worker.is_alive()
+
+
+def test_bad_timeout_setting_is_one_line(tiny_llama, monkeypatch):
+    monkeypatch.setenv("GENFUSE_TP_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match=r"GENFUSE_TP_TIMEOUT_S must be a number of seconds > 0, got 'soon'"):
+        Engine(str(tiny_llama), device="cpu", tensor_parallel_size=2)
