@@ -395,3 +395,19 @@ def epilogue_reference(y: torch.Tensor, activation: Optional[str], negative_slop
     if activation == "leaky_relu":
         return F.leaky_relu(y, negative_slope)
     raise ValueError(f"activation must be one of {EPILOGUES}, got {activation!r}")
+
+
+def check_paged_cache(Hq: int, D: int, k_cache: torch.Tensor, v_cache: torch.Tensor, max_head_dim: int) -> None:
+    """The shape checks every paged-cache kernel makes on its ``(num_blocks, block_size, Hkv, D)``
+    K/V pools against queries of ``Hq`` heads of dim ``D`` (decode and unified attention)."""
+    num_blocks, block_size, Hkv, Dk = k_cache.shape
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
+    if Dk != D:
+        raise ValueError(f"q has head dim {D} but k_cache has {Dk}")
+    if not 1 <= D <= max_head_dim:
+        raise ValueError(f"q has head dim {D}; supported: 1..{max_head_dim}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"q has {Hq} heads, not a multiple of k_cache's {Hkv}")
+    if num_blocks < 1 or block_size < 1:
+        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}: needs at least one block of at least one slot")

@@ -321,16 +321,7 @@ def _check_inputs(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, s
     N, Hq, D = q.shape
     num_blocks, block_size, Hkv, Dk = k_cache.shape
     B = seq_lens.shape[0]
-    if tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}")
-    if Dk != D:
-        raise ValueError(f"q has head dim {D} but k_cache has {Dk}")
-    if not 1 <= D <= _MAX_HEAD_DIM:
-        raise ValueError(f"q has head dim {D}; supported: 1..{_MAX_HEAD_DIM}")
-    if Hkv < 1 or Hq % Hkv != 0:
-        raise ValueError(f"q has {Hq} heads, not a multiple of k_cache's {Hkv}")
-    if num_blocks < 1 or block_size < 1:
-        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}: needs at least one block of at least one slot")
+    _common.check_paged_cache(Hq, D, k_cache, v_cache, _MAX_HEAD_DIM)
     if block_table.shape[0] != B or block_table.shape[1] < 1:
         raise ValueError(f"block_table has shape {tuple(block_table.shape)}; expected ({B}, >=1) "
                          f"for seq_lens' {B} sequences")

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 def check_tensor_parallel(config, world: int) -> None:
@@ -91,15 +92,11 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place (row-parallel partial products, the vocab-parallel embedding)."""
-        import torch.distributed as dist
-
         dist.all_reduce(x, group=self.group)
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` side by side along the last dimension (the vocab-parallel logits)."""
-        import torch.distributed as dist
-
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

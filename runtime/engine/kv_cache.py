@@ -39,6 +39,7 @@ class StepInputs:
     logits_indices: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    packed: torch.Tensor | None = None  # the one int32 buffer the tensors above are views of
 
     @property
     def num_tokens(self) -> int:
@@ -117,5 +118,5 @@ class KVCacheManager:
             input_ids=views[0], positions=views[1], slot_mapping=views[2],
             block_table=views[6].view(B, width), seq_lens=views[3], query_start_loc=views[4],
             logits_indices=views[5][:S], max_query_len=int(counts.max()) if B else 0,
-            max_seq_len=int(ends.max()) if B else 0,
+            max_seq_len=int(ends.max()) if B else 0, packed=dev,
         )

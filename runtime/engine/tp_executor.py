@@ -18,6 +18,7 @@ import traceback
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from .kv_cache import StepInputs
 
@@ -65,9 +66,11 @@ def _unpack(header: torch.Tensor, flat: torch.Tensor) -> StepInputs:
 
 def _pack(inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     B, W = inp.block_table.shape
-    parts = [inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens, inp.query_start_loc,
-             inp.logits_indices, inp.block_table.reshape(-1)]
-    flat = torch.cat([p.to(torch.int32) for p in parts])
+    flat = inp.packed  # KVCacheManager.prepare's buffer, in `_unpack`'s order
+    if flat is None:
+        parts = [inp.input_ids, inp.positions, inp.slot_mapping, inp.seq_lens, inp.query_start_loc,
+                 inp.logits_indices, inp.block_table.reshape(-1)]
+        flat = torch.cat([p.to(torch.int32) for p in parts])
     header = torch.tensor([_STEP, flat.numel(), inp.num_tokens, B, W, inp.logits_indices.numel(),
                            inp.max_query_len, inp.max_seq_len, 0, 0], dtype=torch.int64)
     return header, flat
@@ -75,8 +78,6 @@ def _pack(inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _worker(rank: int, world: int, init_method: str, model, load_kwargs: dict, timeout_s: float) -> None:
     """A worker rank: load its slice, then serve commands until STOP."""
-    import torch.distributed as dist
-
     from ..loader import load_model
 
     torch.set_num_threads(1)
@@ -118,7 +119,6 @@ class TPExecutor:
     """Rank 0's side: starts the workers, holds rank 0's slice, broadcasts every step."""
 
     def __init__(self, model, world: int, load_kwargs: dict, *, timeout_s: float | None = None):
-        import torch.distributed as dist
         import torch.multiprocessing as mp
 
         from ..config import load_config
@@ -157,8 +157,6 @@ class TPExecutor:
     # ------------------------------------------------------------------ commands
 
     def _send(self, cmd: int, payload: torch.Tensor | None = None, header: torch.Tensor | None = None) -> None:
-        import torch.distributed as dist
-
         if header is None:
             header = torch.zeros(_HEADER, dtype=torch.int64)
             header[0], header[1] = cmd, 0 if payload is None else payload.numel()
@@ -189,8 +187,6 @@ class TPExecutor:
 
     @staticmethod
     def _shutdown(procs, owns_group: bool) -> None:
-        import torch.distributed as dist
-
         if owns_group and dist.is_initialized():
             try:
                 header = torch.zeros(_HEADER, dtype=torch.int64)
@@ -224,8 +220,6 @@ class _RankZeroModel:
         self._net.setup_rope(max_len)
 
     def forward_step(self, inp: StepInputs, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         self._ex.step(inp)
         try:
             return self._net.forward_step(inp, k_pool, v_pool)
