@@ -59,15 +59,17 @@ bool overlap(const py::array& a, const py::array& b) {
 
 // (N, row bytes) of a packed weight of K columns in format `type`; ValueError otherwise.
 int64_t check_weight(const py::array& w, int type, int64_t K) {
-    const int64_t bb = genfuse::block_bytes(type);
+    const int64_t bb = genfuse::block_bytes(type), bw = genfuse::block_weights(type);
     if (bb == 0)
-        throw py::value_error("unknown quant type " + std::to_string(type) + " (Q4_0=2, Q4_1=3, Q8_0=8)");
-    if (K <= 0 || K % genfuse::kQBlock)
-        throw py::value_error("K must be a positive multiple of 32, got " + std::to_string(K));
+        throw py::value_error("unknown quant type " + std::to_string(type) +
+                              " (Q4_0=2, Q4_1=3, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
+    if (K <= 0 || K % bw)
+        throw py::value_error("K must be a positive multiple of " + std::to_string(bw) +
+                              (bw == genfuse::kQBlock ? "" : " (a K-quant block)") + ", got " + std::to_string(K));
     check_2d(w, "w", 'u', 1, false);
-    if (w.shape(1) != K / genfuse::kQBlock * bb)
+    if (w.shape(1) != K / bw * bb)
         throw py::value_error("w has " + std::to_string(w.shape(1)) + " bytes a row; K=" + std::to_string(K) +
-                              " in this format needs " + std::to_string(K / genfuse::kQBlock * bb));
+                              " in this format needs " + std::to_string(K / bw * bb));
     return w.shape(0);
 }
 
@@ -116,8 +118,8 @@ void register_quant_matmul(py::module_& m) {
           },
           py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("portable") = false,
           "y (M, N) = x (M, K) @ dequantize(w).T for w (N, K/32 * block bytes) uint8 in GGML format "
-          "`type` (2 Q4_0, 3 Q4_1, 8 Q8_0); x and y float32 numpy arrays, C-contiguous. portable=True "
-          "skips the AVX code (for tests).");
+          "`type` (2 Q4_0, 3 Q4_1, 8 Q8_0; 12 Q4_K, 13 Q5_K, 14 Q6_K go to the integer-dot kernel at "
+          "act_bits 32); x and y float32 numpy arrays, C-contiguous. portable=True skips the SIMD code (for tests).");
     m.def("dequantize_rows",
           [](const py::handle& w_, int type, int64_t K, const py::handle& rows, const py::handle& out_, int threads) {
               // The row indices first, copied: their conversion is the only Python code an
@@ -193,7 +195,8 @@ void register_quant_matmul(py::module_& m) {
           py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("path") = py::none(),
           py::arg("act_bits") = 32,
           "y (M, N) = quantize_activations(x, act_bits) (M, K) @ dequantize(w).T with exact integer block dots: "
-          "w (N, K/32 * block bytes) uint8 in GGML format `type` (2 Q4_0, 3 Q4_1, 8 Q8_0), x and y float32 "
+          "w (N, K/block * block bytes) uint8 in GGML format `type` (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, "
+          "14 Q6_K; blocks of 32, 256 for the K-quants), x and y float32 "
           "C-contiguous numpy arrays. path: a name from cpu_paths() (None: cpu_path()); act_bits 32, 16 or 8.");
     m.def("quantize_activations",
           [](const py::handle& x_, int act_bits) {

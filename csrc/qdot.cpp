@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "kquant.h"
 #include "threads.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -324,6 +325,7 @@ void quantize_act(const float* x, int64_t M, int64_t K, Act act, void* q, float*
 
 void qdot_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, QType type,
                  float* y, int threads, CpuPath path, Act act) {
+    if (is_kquant(type)) return kquant_matmul(x, M, K, w, N, type, y, threads, path, act);  // kquant.h
     if (!supported(path))
         throw std::invalid_argument(std::string("CPU path ") + cpu_path_name(path) + " is not supported here; this CPU runs " +
                                     names(supported_cpu_paths()));

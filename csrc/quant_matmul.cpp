@@ -11,6 +11,7 @@
 //
 // Threads: chunks of rows of W on the shared pool of threads.h. The binding releases the GIL.
 #include "quant_matmul.h"
+#include "kquant.h"
 #include "threads.h"
 
 #include <algorithm>
@@ -30,8 +31,16 @@ int64_t block_bytes(int type) {
         case QType::Q4_0: return 18;
         case QType::Q4_1: return 20;
         case QType::Q8_0: return 34;
+        case QType::Q4_K: return 144;
+        case QType::Q5_K: return 176;
+        case QType::Q6_K: return 210;
     }
     return 0;
+}
+
+int64_t block_weights(int type) {
+    if (block_bytes(type) == 0) return 0;
+    return is_kquant(static_cast<QType>(type)) ? kKBlock : kQBlock;
 }
 
 // IEEE half -> float, exactly (subnormals, infinities and NaNs included).
@@ -221,6 +230,7 @@ void rows_any(const Problem& p, int64_t n0, int64_t n1, bool portable) {
             case QType::Q4_0: return rows_avx_all_m<QType::Q4_0>(p, n0, n1);
             case QType::Q4_1: return rows_avx_all_m<QType::Q4_1>(p, n0, n1);
             case QType::Q8_0: return rows_avx_all_m<QType::Q8_0>(p, n0, n1);
+            default: break;  // (K-quants never get here: quant_matmul hands them to kquant.h)
         }
     }
 #endif
@@ -233,6 +243,11 @@ bool quant_matmul_uses_avx() { return cpu_has_avx(); }
 
 void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, QType type,
                   float* y, int threads, bool portable) {
+    if (is_kquant(type)) {  // the K-quants have only the integer-dot kernel, at its float32-exact width
+        kquant_matmul(x, M, K, w, N, type, y, threads, portable ? CpuPath::Portable : supported_cpu_paths().front(),
+                      Act::Q32);
+        return;
+    }
     const int64_t nb = K / kQBlock;
     Problem p{x, M, K, w, N, type, y, nb, nb * block_bytes(static_cast<int>(type)), nullptr};
     threads = clamp_threads(threads);
@@ -256,7 +271,8 @@ void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
 
 void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const int64_t* rows,
                      int64_t n_rows, float* out, int threads) {
-    const int64_t nb = K / kQBlock, bb = block_bytes(static_cast<int>(type));
+    const int64_t bw = block_weights(static_cast<int>(type));
+    const int64_t nb = K / bw, bb = block_bytes(static_cast<int>(type));
     threads = clamp_threads(threads);
     const int64_t count = rows ? n_rows : N;
     const int64_t per = std::max<int64_t>(1, chunk_size(count, K, threads, 1));
@@ -264,7 +280,10 @@ void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const i
     parallel_for(chunks, std::min(threads, chunks) - 1, [&](int c) {
         for (int64_t i = c * per; i < std::min(count, (c + 1) * per); ++i) {
             const uint8_t* row = w + (rows ? rows[i] : i) * nb * bb;
-            for (int64_t b = 0; b < nb; ++b) decode_block(row + b * bb, type, out + i * K + b * 32);
+            if (is_kquant(type))
+                for (int64_t b = 0; b < nb; ++b) dequantize_kblock(row + b * bb, type, out + i * K + b * bw);
+            else
+                for (int64_t b = 0; b < nb; ++b) decode_block(row + b * bb, type, out + i * K + b * bw);
         }
     });
 }

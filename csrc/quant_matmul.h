@@ -20,15 +20,19 @@
 
 namespace genfuse {
 
-// GGML's type ids, as in gguf.GGMLQuantizationType.
-enum class QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+// GGML's type ids, as in gguf.GGMLQuantizationType. The K-quants (256 weights a block) are
+// kquant.h's; this file's kernels take them too by handing them there.
+enum class QType : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
-constexpr int64_t kQBlock = 32;  // weights per block, all three formats
+constexpr int64_t kQBlock = 32;  // weights per block of Q4_0, Q4_1, Q8_0 (and per sub-block of K)
 
 // Bytes of one block of `type`; 0 for a type this file does not know.
 int64_t block_bytes(int type);
+// Weights in one block of `type`: 32, or 256 for the K-quants; 0 for an unknown type.
+int64_t block_weights(int type);
+inline bool is_kquant(QType t) { return t == QType::Q4_K || t == QType::Q5_K || t == QType::Q6_K; }
 
-// y (M, N) = x (M, K) @ W (N, K)^T. K must be a multiple of 32; rows of x and y are contiguous
+// y (M, N) = x (M, K) @ W (N, K)^T. K must be a multiple of the block (32; 256 for K-quants); rows of x and y are contiguous
 // with strides K and N. Runs on `threads` threads (the caller's included); the work is split
 // over the rows of W. Picks AVX/FMA code at run time when the CPU has it, portable C++ else
 // (or always, with `portable`: the tests hold the fast code to it).
