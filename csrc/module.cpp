@@ -11,6 +11,7 @@ namespace py = pybind11;
 
 void register_block_manager(py::module_& m);  // bind_block_manager.cpp
 void register_quant_matmul(py::module_& m);   // bind_quant_matmul.cpp
+void register_cpu_layer(py::module_& m);      // bind_cpu_layer.cpp
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "genfuse C++ extension: host-side hot paths of the runtime";
@@ -30,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
     }, "Compiler and language standard the extension was built with.");
     register_block_manager(m);
     register_quant_matmul(m);
+    register_cpu_layer(m);
 }

@@ -38,6 +38,7 @@ from ..quant import (  # linear: genfuse.kernels.linear, or packed GGUF blocks
     linear,
 )
 from ..distributed import TPGroup, TPPlan, vocab_parallel_embedding
+from .cpu_layer import fused_layers
 from .family import Family, add_terms, attend
 
 # --------------------------------------------------------------------------- rotary tables
@@ -158,8 +159,10 @@ class Llama:
             h = embedding(self.embed, inp.input_ids)  # (N, hidden): the residual stream
         else:
             h = vocab_parallel_embedding(self.embed, inp.input_ids, tp)
-        mlp_out = None
-        for i, lw in enumerate(self.layers):
+        # CPU, packed weights, a small step: the whole layer loop below as one C++ call (cpu_layer.py)
+        fused = fused_layers(self, inp, k_pool, v_pool, h)
+        h, mlp_out = (h, None) if fused is None else fused
+        for i, lw in enumerate(self.layers if fused is None else ()):
             if mlp_out is None:
                 x = rms_norm(h, lw.input_norm, c.norm_eps, backend=be)
             else:
