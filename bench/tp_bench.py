@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import torch
 
     from genfuse.runtime.config import load_config
-    from genfuse.runtime.distributed import check_tensor_parallel
+    from genfuse.runtime.distributed import check_tensor_parallel, run_ranks
     from genfuse.runtime.engine import Engine
     from genfuse.runtime.registry import resolve
     from genfuse.runtime.sampling import SamplingParams
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     res = {"model": args.model, "worlds": worlds, "tokens": args.tokens, "collectives": {}, "decode": {}}
     for w in worlds:
         if w > 1:
-            res["collectives"][w] = _run_ranks(_collective_rank, w, config.hidden_size, config.vocab_size // w, 200)[0]
+            res["collectives"][w] = run_ranks(_collective_rank, w, config.hidden_size, config.vocab_size // w, 200,
+                                              timeout=300, collective_timeout_s=120)[0]
             print(f"  N={w} collectives (rank 0 medians, us): " + ", ".join(
                 f"{k[:-3]} {v:.0f}" for k, v in res["collectives"][w].items()), flush=True)
     prompt = list(range(100, 113))
@@ -100,41 +101,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     return 0
-
-
-def _run_ranks(fn, world, *args):
-    """``fn(rank, world, *args)`` on ``world`` gloo ranks started here; the results by rank."""
-    import datetime
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args, q, datetime.timedelta(seconds=120)),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=300) for _ in range(world))
-    for p in procs:
-        p.join(timeout=30)
-    return [got[r] for r in range(world)]
-
-
-def _rank_entry(rank, world, port, fn, args, q, timeout):
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timeout)
-    try:
-        q.put((rank, fn(rank, world, *args)))
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

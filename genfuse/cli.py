@@ -193,7 +193,11 @@ def engine_flags(p) -> None:
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="run each prompt in one step")
     g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
-                   help="split the model over N ranks: N-1 worker processes on gloo, CPU only for now (default 1)")
+                   help="split the model over N ranks: genfuse starts N-1 worker processes; under torchrun "
+                        "the ranks torchrun started (default 1; under torchrun its WORLD_SIZE)")
+    g.add_argument("--distributed-backend", choices=("gloo", "nccl"), default=None,
+                   help="tensor-parallel backend: gloo (CPU) or nccl (one CUDA device a rank; not yet run "
+                        "on GPUs) (default: nccl when the device is CUDA, else gloo)")
 
 
 def _add_llm_parsers(sub) -> None:
@@ -237,14 +241,22 @@ def _sampling_params(args):
 
 
 ENGINE_FLAGS = ("block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_batched_tokens",
-                "max_num_seqs", "tensor_parallel_size")
+                "max_num_seqs", "tensor_parallel_size", "distributed_backend")
 
 
 def _engine_args(args) -> dict:
     """EngineArgs from the flags (only those given); bad values are usage errors (exit 2)."""
     from genfuse.runtime.engine import EngineArgs
 
+    from genfuse.runtime.distributed import launch_env
+
     kw = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    try:
+        env = launch_env()
+    except ValueError as e:
+        args._llm_parser.error(str(e))
+    if env is not None and "tensor_parallel_size" not in kw:  # under torchrun: its ranks split the model
+        kw["tensor_parallel_size"] = env.world
     kw["enable_prefix_caching"] = args.enable_prefix_caching
     kw["enable_chunked_prefill"] = args.enable_chunked_prefill
     try:
@@ -263,8 +275,24 @@ def _load_llm(args):
         check_threads(args.threads)
     except ValueError as e:
         args._llm_parser.error(str(e))
+    engine_args = _engine_args(args)
+    if engine_args.get("tensor_parallel_size", 1) > 1:
+        _show_tp_lines()
     return LLM(args.model, device=args.device, backend=None if args.backend == "auto" else args.backend,
-               threads=args.threads, **_engine_args(args))
+               threads=args.threads, **engine_args)
+
+
+def _show_tp_lines() -> None:
+    """Under tensor parallelism every rank says on stderr what it holds (the "genfuse.tp" lines)."""
+    import logging
+
+    log = logging.getLogger("genfuse.tp")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("genfuse: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _stream_reply(llm, prompt, params) -> tuple[str, bool]:
@@ -383,6 +411,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else (os.environ.get("GENFUSE_API_KEY") or None)
     engine_kwargs = {"device": args.device, "backend": None if args.backend == "auto" else args.backend,
                      **_engine_args(args)}
+    if engine_kwargs.get("tensor_parallel_size", 1) > 1:
+        from genfuse.runtime.engine.tp_executor import worker_rank
+
+        try:
+            rank = worker_rank(engine_kwargs["tensor_parallel_size"])
+        except ValueError as e:
+            return _error("serve", e)
+        if rank is not None:  # torchrun's other ranks serve rank 0's steps; rank 0 alone listens
+            return _serve_steps_as_worker(args, engine_kwargs)
     try:
         from genfuse.runtime.server import ServerConfig, serve
 
@@ -399,6 +436,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         return _error("serve", e)
 # --- end genfuse serve ------------------------------------------------------------------
+
+
+def _serve_steps_as_worker(args, engine_kwargs) -> int:
+    """A rank other than 0 under torchrun: the engine's constructor serves rank 0's steps until
+    rank 0 stops, then exits 0 (SystemExit)."""
+    from genfuse.runtime.engine import Engine
+    from genfuse.runtime.server.launch import _setup_logging
+
+    _setup_logging(args.log_level)  # this rank's "holds ..." line
+    try:
+        Engine(args.model, **engine_kwargs)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except USER_ERRORS as e:
+        return _error("serve", e)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

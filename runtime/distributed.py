@@ -176,3 +176,134 @@ def vocab_parallel_embedding(table, tokens: torch.Tensor, tp: TPGroup) -> torch.
     h = embedding(table, torch.where(mine, tokens - lo, 0))
     h = h * mine[:, None].to(h.dtype)
     return tp.all_reduce(h)
+
+
+# ---------------------------------------------------------------------------- launching ranks
+
+BACKENDS = ("gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """The ranks torchrun (or any ``env://`` launcher) started this process among."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
+def launch_env() -> LaunchEnv | None:
+    """This process's place among the ranks torchrun started (its environment: RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or None when not started that way."""
+    import os
+
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them), got "
+                         f"{os.environ.get('RANK')!r}, {os.environ.get('WORLD_SIZE')!r}, "
+                         f"{os.environ.get('LOCAL_RANK')!r}") from None
+    if not 0 <= rank < world or local < 0:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world} (or LOCAL_RANK={local} < 0)")
+    return LaunchEnv(rank, world, local)
+
+
+def choose_backend(requested: str | None, device, world: int, *, local_rank: int | None = None) -> tuple[str, str]:
+    """The process-group backend and this rank's device: ``(backend, device)``.
+
+    The device decides: CUDA means NCCL with one GPU a rank (rank r on ``cuda:r`` when genfuse
+    starts the ranks, ``cuda:LOCAL_RANK`` under torchrun), the CPU means gloo. ``requested``
+    (``--distributed-backend``) picks the device when ``device`` is None, and must agree with it
+    otherwise. Refused here, before any process starts: NCCL without enough CUDA devices, gloo
+    with a CUDA device."""
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"distributed_backend must be one of {', '.join(BACKENDS)} or None, got {requested!r}")
+    need = world if local_rank is None else local_rank + 1  # GPUs this machine must have
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    kind = None if device is None else torch.device(device).type
+    if kind is None:
+        kind = "cuda" if requested == "nccl" or (requested is None and have) else "cpu"
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"tensor parallelism runs on the CPU (gloo) or CUDA (nccl), not on {kind}")
+    if kind == "cpu":
+        if requested == "nccl":
+            raise ValueError("distributed_backend='nccl' needs CUDA tensors, but the device is the CPU; "
+                             "use distributed_backend='gloo' (or a CUDA device)")
+        return "gloo", "cpu"
+    if requested == "gloo":
+        raise ValueError("distributed_backend='gloo' runs tensor parallelism on the CPU here; use 'nccl' "
+                         "with CUDA devices (or device='cpu')")
+    if have < need:
+        raise ValueError(f"distributed_backend='nccl' needs a CUDA device for every rank: {world} ranks, "
+                         f"{have} CUDA device(s) here; use distributed_backend='gloo' (CPU)")
+    if device is not None and torch.device(device).index not in (None, 0 if local_rank is None else local_rank):
+        raise ValueError(f"under tensor parallelism rank r runs on cuda:r (cuda:LOCAL_RANK under torchrun); "
+                         f"device={device!r} names another GPU: pass device='cuda'")
+    return "nccl", f"cuda:{0 if local_rank is None else local_rank}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank, world, port, fn, args, queue, timeout_s):
+    import datetime
+    import traceback
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            queue.put((rank, "ok", fn(rank, world, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - the traceback goes back to the caller
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_ranks(fn, world: int, *args, timeout: float = 240.0, collective_timeout_s: float = 60.0) -> list:
+    """``fn(rank, world, *args)`` on ``world`` fresh gloo ranks on 127.0.0.1 (spawned processes,
+    one torch thread each; ``fn`` and the results must pickle); their results by rank. A rank
+    that raises fails the call with its traceback (RuntimeError); every process is joined or
+    killed before this returns. For tests and benchmarks: the engine starts its own workers."""
+    import queue as queue_mod
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, fn, args, q, collective_timeout_s), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world):
+            try:
+                rank, status, value = q.get(timeout=timeout)
+            except queue_mod.Empty:
+                errors.append(f"no answer from every rank within {timeout:.0f} s")
+                break
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world)]

@@ -22,6 +22,7 @@ from .tokenizer import Tokenizer, TokenizerNotFoundError
 from .weights import load_weights
 
 _log = logging.getLogger("genfuse")
+_tp_log = logging.getLogger("genfuse.tp")  # what each rank holds: `genfuse generate` shows these under TP
 
 @dataclass
 class LoadedModel:
@@ -65,10 +66,10 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: 
     if tp is not None:
         pl = tp.plan
         held = sum(getattr(t, "nbytes", 0) for t in sd.values())  # tensors and packed blocks
-        _log.info("tensor parallel rank %d/%d holds query heads %d-%d, KV heads %d-%d, intermediate %d-%d, "
-                  "vocabulary %d-%d: %.1f MiB of weights", pl.rank, pl.world, pl.q_heads.start, pl.q_heads.stop - 1,
-                  pl.kv_heads.start, pl.kv_heads.stop - 1, pl.intermediate.start, pl.intermediate.stop - 1,
-                  pl.vocab.start, pl.vocab.stop - 1, held / 2**20)
+        _tp_log.info("tensor parallel rank %d/%d holds query heads %d-%d, KV heads %d-%d, intermediate %d-%d, "
+                     "vocabulary %d-%d: %.1f MiB of weights", pl.rank, pl.world, pl.q_heads.start,
+                     pl.q_heads.stop - 1, pl.kv_heads.start, pl.kv_heads.stop - 1, pl.intermediate.start,
+                     pl.intermediate.stop - 1, pl.vocab.start, pl.vocab.stop - 1, held / 2**20)
     net = family.model.from_state_dict(config, sd, backend=backend, **({} if tp is None else {"tp": tp}))
     del sd
     try:

@@ -31,7 +31,7 @@ import torch
 
 from ..loader import LoadedModel, load_model
 from ..registry import DEFAULT_MODEL
-from ..resources import check_memory, resolve_device
+from ..resources import check_memory
 from ..sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from .cuda_graphs import StepRunner
 from .kv_cache import KVCacheManager, kv_bytes_per_block
@@ -59,7 +59,11 @@ class EngineArgs:
     - ``enable_chunked_prefill``: split long prompts over steps (on); off, a prompt must fit
       ``max_num_batched_tokens`` whole.
     - ``tensor_parallel_size``: ranks the model is split over (1); above 1 the engine starts
-      N-1 CPU worker processes on gloo (`engine.tp_executor`; no CUDA/NCCL yet).
+      N-1 worker processes (`engine.tp_executor`), or under torchrun uses the ranks torchrun
+      started (WORLD_SIZE must equal N; on ranks other than 0 the constructor serves rank 0's
+      steps and then raises ``SystemExit(0)``).
+    - ``distributed_backend``: "gloo" (CPU) or "nccl" (one CUDA device a rank); None: nccl when
+      the device is CUDA, else gloo (`distributed.choose_backend`).
     """
 
     block_size: int = 16
@@ -71,6 +75,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     tensor_parallel_size: int = 1
+    distributed_backend: str | None = None
 
     def __post_init__(self):
         def pos_int(name, lo=1, hi=None, optional=False):
@@ -88,6 +93,8 @@ class EngineArgs:
         pos_int("max_num_batched_tokens", optional=True)
         pos_int("max_model_len", 2, optional=True)
         pos_int("tensor_parallel_size", 1, 64)
+        if self.distributed_backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"distributed_backend must be 'gloo', 'nccl' or None, got {self.distributed_backend!r}")
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("give num_kv_blocks or kv_cache_memory, not both")
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
@@ -209,12 +216,20 @@ class Engine:
         if args.tensor_parallel_size > 1:
             if isinstance(model, LoadedModel):
                 raise ValueError("tensor_parallel_size > 1 needs a model name or path (every rank loads its slice)")
-            if resolve_device(device).type != "cpu":
-                raise ValueError("tensor_parallel_size > 1 runs on the CPU (gloo) for now; pass device='cpu'")
-            from .tp_executor import TPExecutor
+            if cuda_graphs:
+                raise ValueError("cuda_graphs=True with tensor_parallel_size > 1: the collectives are not captured "
+                                 "in CUDA graphs yet")
+            cuda_graphs = False
+            from .tp_executor import TPExecutor, run_worker, worker_rank
 
-            self.tp = TPExecutor(model, args.tensor_parallel_size, dict(
-                device="cpu", dtype=dtype, backend=backend, keep_quantized=keep_quantized))
+            load_kw = dict(dtype=dtype, backend=backend, keep_quantized=keep_quantized)
+            if worker_rank(args.tensor_parallel_size) is not None:
+                # a rank other than 0 of torchrun's group: serve rank 0's steps, then leave, so the
+                # rest of the caller's script (the outputs) runs on rank 0 only
+                run_worker(model, args.tensor_parallel_size, load_kw, device=device, backend=args.distributed_backend)
+                raise SystemExit(0)
+            self.tp = TPExecutor(model, args.tensor_parallel_size, load_kw, device=device,
+                                 backend=args.distributed_backend)
             self.loaded = self.tp.loaded
         else:
             self.loaded = model if isinstance(model, LoadedModel) else load_model(

@@ -1,27 +1,40 @@
-"""Tensor-parallel execution of the engine's steps: rank 0 is the engine's own process, ranks
-1..N-1 are worker processes this module starts, on one gloo process group over 127.0.0.1.
+"""Tensor-parallel execution of the engine's steps: rank 0 runs the engine, the other ranks
+serve its steps.
 
-(torchrun-made groups are not supported yet.) The scheduler and the block manager live on rank 0 only. Each step rank 0 broadcasts the step's
+Who the other ranks are: worker processes this module starts (spawn, daemons, one process
+group over 127.0.0.1), or, under ``torchrun`` (its environment: RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT; also multi-node), the processes torchrun started, which join one
+``env://`` group: there rank 0 builds the engine and every other rank runs `run_worker`. The
+backend is gloo on the CPU or NCCL with one GPU a rank (`distributed.choose_backend`; the
+NCCL path has not run on GPUs yet).
+
+The scheduler and the block manager live on rank 0 only. Each step rank 0 broadcasts the step's
 inputs (the one int32 buffer `KVCacheManager.prepare` built, after a small header naming its
 sizes), and every rank runs the family's `forward_step` on its slice of the model
 (runtime/distributed.py) with its own K/V pools (its KV heads); the collectives inside the step
 assemble the logits on every rank, rank 0 samples. Copy-on-write block copies are broadcast the
-same way. Workers stop on a STOP command, when rank 0's process exits (they are daemons) or when
-a collective times out (a dead or hung peer makes the others fail within ``timeout`` seconds).
+same way. Workers stop on a STOP command (rank 0's `close`, also run at exit), when rank 0's
+process exits (spawned workers are daemons), or when a collective times out (a dead or hung
+peer makes the others fail within ``timeout`` seconds). Workers ignore SIGINT: Ctrl-C reaches
+rank 0, which stops them.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-import socket
+import signal
+import threading
 import traceback
 import weakref
 
 import torch
 import torch.distributed as dist
 
+from ..distributed import check_tensor_parallel, choose_backend, free_port, launch_env
 from .kv_cache import StepInputs
 
+_log = logging.getLogger("genfuse.tp")
 _STEP, _COPY, _STOP, _SETUP = 1, 2, 3, 4
 _HEADER = 10  # int64: command, payload length, N, B, W, S, max_query_len, max_seq_len, spare x2
 # how long a collective waits for a peer before failing (a dead or hung rank); the environment
@@ -44,12 +57,6 @@ def collective_timeout_s() -> float:
 
 class TensorParallelError(RuntimeError):
     """A tensor-parallel worker failed, died or stopped answering."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unpack(header: torch.Tensor, flat: torch.Tensor) -> StepInputs:
@@ -76,79 +83,179 @@ def _pack(inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return header, flat
 
 
-def _worker(rank: int, world: int, init_method: str, model, load_kwargs: dict, timeout_s: float) -> None:
-    """A worker rank: load its slice, then serve commands until STOP."""
+def _config(model):
+    from ..config import load_config
+    from ..registry import resolve
+
+    return load_config(resolve(model).path)
+
+
+def _external_world(world: int) -> int | None:
+    """The rank of this process in the group someone else made (torchrun's environment or an
+    initialized default group), checked against ``world``; None when there is none."""
+    if dist.is_initialized():
+        have, rank, who = dist.get_world_size(), dist.get_rank(), "the initialized process group has"
+    else:
+        env = launch_env()
+        if env is None:
+            return None
+        have, rank, who = env.world, env.rank, "torchrun started"
+    if have != world:
+        raise ValueError(f"{who} {have} ranks but tensor_parallel_size={world}: they must be equal "
+                         f"(under torchrun, --nproc-per-node x --nnodes is the tensor-parallel size)")
+    return rank
+
+
+def worker_rank(world: int) -> int | None:
+    """This process's rank when it is one of the ranks other than 0 of torchrun's (or an existing)
+    group of ``world`` ranks, which serve rank 0's steps (`run_worker`); else None."""
+    rank = _external_world(world)
+    return rank or None
+
+
+def _init_group(backend: str, device: str, timeout_s: float, **kw) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+
+
+def _serve_steps(model, load_kwargs: dict, rank: int, world: int, device: str) -> None:
+    """A worker rank on an initialized group: load its slice, then serve commands until STOP."""
     from ..loader import load_model
 
+    loaded = load_model(model, **load_kwargs, device=device, tensor_parallel=(rank, world))
+    net, c = loaded.model, loaded.config
+    k = v = None
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    while True:
+        dist.broadcast(header, src=0)
+        cmd, n = int(header[0]), int(header[1])
+        payload = torch.empty(n, dtype=torch.int32, device=device)
+        if n:
+            dist.broadcast(payload, src=0)
+        if cmd == _STOP:
+            break
+        if cmd == _SETUP:  # pools: num_blocks, block_size; rotary up to max_len
+            num_blocks, block_size, max_len = (int(x) for x in payload)
+            shape = (c.num_layers, num_blocks, block_size, net.num_kv_heads, c.head_dim)
+            k = torch.empty(shape, dtype=loaded.dtype, device=device)
+            v = torch.empty(shape, dtype=loaded.dtype, device=device)
+            net.setup_rope(max_len)
+        elif cmd == _COPY:
+            src, dst = payload.view(2, -1).long()
+            k[:, dst] = k[:, src]
+            v[:, dst] = v[:, src]
+        elif cmd == _STEP:
+            net.forward_step(_unpack(header, payload), k, v)
+
+
+def _ignore_sigint() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which stops us
+
+
+def _log_setup() -> tuple[int, str | None]:
+    """Rank 0's level and format for the "genfuse.tp" lines, for the workers to log alike."""
+    lg = _log
+    while lg is not None:
+        for h in lg.handlers:
+            return _log.getEffectiveLevel(), getattr(h.formatter, "_fmt", None)
+        lg = lg.parent if lg.propagate else None
+    return _log.getEffectiveLevel(), None
+
+
+def _worker(rank: int, world: int, init_method: str, model, load_kwargs: dict, backend: str, timeout_s: float,
+            log: tuple[int, str | None]) -> None:
+    """A worker process genfuse started: rank ``rank`` on ``cuda:rank`` (NCCL) or the CPU."""
+    _ignore_sigint()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    level, fmt = log
+    if level < logging.WARNING:  # rank 0 shows these info lines: so do the workers (what each rank holds)
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter(fmt))
+        _log.addHandler(h)
+        _log.setLevel(level)
+        _log.propagate = False
+    device = "cpu" if backend == "gloo" else f"cuda:{rank}"
     try:
-        loaded = load_model(model, **load_kwargs, tensor_parallel=(rank, world))
-        net, c = loaded.model, loaded.config
-        k = v = None
-        header = torch.empty(_HEADER, dtype=torch.int64)
-        while True:
-            dist.broadcast(header, src=0)
-            cmd, n = int(header[0]), int(header[1])
-            payload = torch.empty(n, dtype=torch.int32)
-            if n:
-                dist.broadcast(payload, src=0)
-            if cmd == _STOP:
-                break
-            if cmd == _SETUP:  # pools: num_blocks, block_size; rotary up to max_len
-                num_blocks, block_size, max_len = (int(x) for x in payload)
-                shape = (c.num_layers, num_blocks, block_size, net.num_kv_heads, c.head_dim)
-                k = torch.empty(shape, dtype=loaded.dtype)
-                v = torch.empty(shape, dtype=loaded.dtype)
-                net.setup_rope(max_len)
-            elif cmd == _COPY:
-                src, dst = payload.view(2, -1).long()
-                k[:, dst] = k[:, src]
-                v[:, dst] = v[:, src]
-            elif cmd == _STEP:
-                net.forward_step(_unpack(header, payload), k, v)
+        _init_group(backend, device, timeout_s, init_method=init_method, rank=rank, world_size=world)
+        try:
+            _serve_steps(model, load_kwargs, rank, world, device)
+        finally:
+            dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the traceback is the worker's only report
         traceback.print_exc()
         raise SystemExit(1)
+
+
+def run_worker(model, world: int, load_kwargs: dict, *, device=None, backend: str | None = None,
+               timeout_s: float | None = None) -> None:
+    """Be one of the ranks other than 0 of torchrun's group (or of the initialized default
+    group): load this rank's slice and serve rank 0's steps until rank 0 stops (its engine's
+    `close`, or its exit). ``load_kwargs``: dtype, backend, keep_quantized, as rank 0's."""
+    rank = _external_world(world)
+    if not rank:
+        raise ValueError("run_worker runs on the ranks other than 0 of a torchrun (or existing) process group")
+    check_tensor_parallel(_config(model), world)
+    timeout_s = collective_timeout_s() if timeout_s is None else timeout_s
+    env = launch_env()
+    made = not dist.is_initialized()
+    local = env.local_rank if env is not None else rank
+    backend, dev = choose_backend(backend, device, world, local_rank=local)
+    _ignore_sigint()
+    if made:
+        _init_group(backend, dev, timeout_s, init_method="env://")
+    try:
+        _serve_steps(model, load_kwargs, rank, world, dev)
     finally:
-        dist.destroy_process_group()
+        if made:
+            dist.destroy_process_group()
 
 
 class TPExecutor:
-    """Rank 0's side: starts the workers, holds rank 0's slice, broadcasts every step."""
+    """Rank 0's side: starts the workers (or joins torchrun's group), holds rank 0's slice,
+    broadcasts every step. ``load_kwargs``: dtype, backend, keep_quantized (every rank's);
+    ``device`` and ``backend`` as `distributed.choose_backend` takes them."""
 
-    def __init__(self, model, world: int, load_kwargs: dict, *, timeout_s: float | None = None):
+    def __init__(self, model, world: int, load_kwargs: dict, *, device=None, backend: str | None = None,
+                 timeout_s: float | None = None):
         import torch.multiprocessing as mp
 
-        from ..config import load_config
-        from ..distributed import check_tensor_parallel
         from ..loader import load_model
-        from ..registry import resolve
 
-        check_tensor_parallel(load_config(resolve(model).path), world)  # before any process starts
+        check_tensor_parallel(_config(model), world)  # before any process starts
         timeout_s = collective_timeout_s() if timeout_s is None else timeout_s
         self.world, self.timeout_s, self.procs = world, timeout_s, []
-        self.owns_group = not dist.is_initialized()
-        if self.owns_group:
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        rank = _external_world(world)
+        if rank:
+            raise ValueError(f"this process is rank {rank}: only rank 0 builds the engine (run_worker serves the steps)")
+        env = launch_env()
+        local = None if rank is None else (env.local_rank if env is not None else 0)
+        self.backend, self.device = choose_backend(backend, device, world, local_rank=local)
+        self.made_group = not dist.is_initialized()
+        if rank is None:  # no launcher: start the workers, one group over the loopback
+            init_method = f"tcp://127.0.0.1:{free_port()}"
             ctx = mp.get_context("spawn")
-            self.procs = [ctx.Process(target=_worker, args=(r, world, init_method, model, load_kwargs, timeout_s),
+            log = _log_setup()
+            self.procs = [ctx.Process(target=_worker, args=(r, world, init_method, model, load_kwargs, self.backend,
+                                                            timeout_s, log),
                                       daemon=True, name=f"genfuse-tp-{r}") for r in range(1, world)]
             for p in self.procs:
                 p.start()
+            kw = dict(init_method=init_method, rank=0, world_size=world)
+        else:  # torchrun's ranks (or the caller's group): the others run `run_worker`
+            kw = dict(init_method="env://")
+        if self.made_group:
             try:
-                dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world,
-                                        timeout=datetime.timedelta(seconds=timeout_s))
+                _init_group(self.backend, self.device, timeout_s, **kw)
             except Exception as e:
                 self._kill()
-                raise TensorParallelError(f"tensor-parallel workers did not join within {timeout_s:.0f} s: {e}") from e
-        else:  # torchrun made one: its other ranks would have to serve steps (not written yet)
-            raise ValueError("tensor_parallel_size > 1 inside an existing torch.distributed process group "
-                             "(torchrun) is not supported yet; run without torchrun and genfuse starts the workers")
-        self._finalizer = weakref.finalize(self, TPExecutor._shutdown, self.procs, self.owns_group)
+                raise TensorParallelError(f"tensor-parallel ranks did not join within {timeout_s:.0f} s: {e}") from e
+        _log.info("tensor parallel: %d ranks on %s (%s)", world, self.backend,
+                  "workers started here" if self.procs else "torchrun's process group")
+        self._finalizer = weakref.finalize(self, TPExecutor._shutdown, self.procs, self.made_group, self.device)
         try:
-            self.loaded = load_model(model, **load_kwargs, tensor_parallel=(0, world))
+            self.loaded = load_model(model, **load_kwargs, device=self.device, tensor_parallel=(0, world))
         except Exception:
             self.close()
             raise
@@ -161,9 +268,9 @@ class TPExecutor:
             header = torch.zeros(_HEADER, dtype=torch.int64)
             header[0], header[1] = cmd, 0 if payload is None else payload.numel()
         try:
-            dist.broadcast(header, src=0)
+            dist.broadcast(header.to(self.device), src=0)
             if payload is not None and payload.numel():
-                dist.broadcast(payload, src=0)
+                dist.broadcast(payload.to(self.device), src=0)
         except Exception as e:
             raise TensorParallelError(f"a tensor-parallel worker failed or stopped answering: {e}") from e
         dead = [p.name for p in self.procs if not p.is_alive()]
@@ -186,10 +293,10 @@ class TPExecutor:
         self._finalizer()
 
     @staticmethod
-    def _shutdown(procs, owns_group: bool) -> None:
-        if owns_group and dist.is_initialized():
+    def _shutdown(procs, made_group: bool, device: str) -> None:
+        if dist.is_initialized():
             try:
-                header = torch.zeros(_HEADER, dtype=torch.int64)
+                header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
                 header[0] = _STOP
                 dist.broadcast(header, src=0)
             except Exception:  # noqa: BLE001 - a dead worker: kill the rest below
@@ -199,7 +306,7 @@ class TPExecutor:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-        if owns_group and dist.is_initialized():
+        if made_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def _kill(self) -> None:

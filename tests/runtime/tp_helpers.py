@@ -1,63 +1,11 @@
-"""Real torch.distributed (gloo) ranks for the tensor-parallel tests: `run_ranks` spawns
-``world`` processes on 127.0.0.1 and returns what each rank's function returned."""
+"""Real torch.distributed (gloo) ranks for the tensor-parallel tests: `run_ranks`
+(genfuse.runtime.distributed) spawns ``world`` processes on 127.0.0.1 and returns what each
+rank's function returned; the per-rank step runners below."""
 from __future__ import annotations
 
-import datetime
-import socket
-import traceback
-
 import torch
-import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, fn, args, queue):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        try:
-            queue.put((rank, "ok", fn(rank, world, *args)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, "error", traceback.format_exc()))
-
-
-def run_ranks(fn, world: int, *args, timeout: float = 240.0) -> list:
-    """``fn(rank, world, *args)`` on each of ``world`` gloo ranks; their results by rank. A rank
-    that raises fails the call with its traceback; every process is joined or killed."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, errors = {}, []
-    try:
-        for _ in range(world):
-            rank, status, value = queue.get(timeout=timeout)
-            if status == "ok":
-                results[rank] = value
-            else:
-                errors.append(f"rank {rank}:\n{value}")
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return [results[r] for r in range(world)]
+from genfuse.runtime.distributed import run_ranks  # noqa: F401  (one definition, shared with bench/tp_bench.py)
 
 
 def single_sequence_steps(model, config, prompt: list[int], n_new: int, *, block_size: int = 16):
