@@ -3,11 +3,12 @@
 Why: decoding one token reads every weight once, so on a CPU a decode step costs about the
 weights' bytes over the memory bandwidth. SmolLM2-135M dequantized to float32 is 0.54 GB; kept
 as the file ships it (Q4_1 layers, a Q8_0 embedding) it is 0.10 GB. `PackedWeight` holds a
-Q4_0 / Q4_1 / Q8_0 tensor's raw blocks, and `linear` / `embedding` below multiply with it or
-look rows up in it through the C++ kernels of ``genfuse._C``. The matmul is llama.cpp's scheme
-(csrc/qdot.h): the activations are quantized once per call to integer blocks of 32 with a
-float32 scale, and each block product is an exact integer dot (vpdpwssd / vpdpbusd where the
-CPU has VNNI; the path is picked at run time from CPUID, `genfuse info` names it,
+Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K tensor's raw blocks, and `linear` / `embedding` below
+multiply with it or look rows up in it through the C++ kernels of ``genfuse._C``. The matmul is
+llama.cpp's scheme (csrc/qdot.h; the K-quants' 256-weight blocks in csrc/kquant.h): the
+activations are quantized once per call to integer blocks of 32 with a float32 scale, and each
+block (K-quants: each 32-weight sub-block) product is an exact integer dot (vpdpwssd / vpdpbusd
+where the CPU has VNNI; the path is picked at run time from CPUID, `genfuse info` names it,
 GENFUSE_CPU_PATH forces one). The activation blocks are 32-bit by default (two int16 halves:
 x to ~2^-32 of its block maximum, so the result is the dequantized float32 weight times x up
 to float32 rounding, and greedy tokens match transformers); GENFUSE_ACT_BITS=16 or 8 trades
@@ -32,10 +33,12 @@ from genfuse.kernels._common import check_activation, epilogue_reference
 
 from .threads import kernel_threads
 
-# GGML type ids (gguf.GGMLQuantizationType) and bytes per block of 32 weights.
-QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-BLOCK = 32
+# GGML type ids (gguf.GGMLQuantizationType), weights per block and bytes per block. The K-quants
+# (llama.cpp's Q4_K_M / Q5_K_M files) hold 256 weights a block (csrc/kquant.h).
+QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+BLOCK_WEIGHTS = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK = 32  # the smallest block (Q4_0 / Q4_1 / Q8_0); a type's own is BLOCK_WEIGHTS[qtype]
 
 # Above this many rows of x a matmul dequantizes the weight once and hands it to torch's GEMM:
 # the packed kernel reads each weight once per 4 rows of x, which only pays for small batches.
@@ -70,9 +73,10 @@ def can_pack(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
 
 
 class PackedWeight:
-    """An ``(N, K)`` weight as GGML blocks: ``data`` is uint8 ``(N, K // 32 * block bytes)``.
+    """An ``(N, K)`` weight as GGML blocks: ``data`` is uint8 ``(N, K // block * block bytes)``,
+    block = `BLOCK_WEIGHTS` [qtype] (32, or 256 for the K-quants).
 
-    Rows are independent (each is K / 32 whole blocks), so row gathers (`take_rows`, llama.cpp's
+    Rows are independent (each is K / block whole blocks), so row gathers (`take_rows`, llama.cpp's
     q/k un-permutation) and row concatenation (`cat`, the fused QKV weight) work on the bytes.
     ``dtype`` is the dtype it computes in (float32).
     """
@@ -83,9 +87,10 @@ class PackedWeight:
     def __init__(self, data: torch.Tensor, qtype: str, K: int):
         if qtype not in QTYPES:
             raise ValueError(f"unsupported quant type {qtype!r}; supported: {', '.join(QTYPES)}")
-        if K <= 0 or K % BLOCK:
-            raise ValueError(f"{qtype} rows hold whole blocks of {BLOCK}: K={K} is not a multiple")
-        row_bytes = K // BLOCK * BLOCK_BYTES[qtype]
+        block = BLOCK_WEIGHTS[qtype]
+        if K <= 0 or K % block:
+            raise ValueError(f"{qtype} rows hold whole blocks of {block}: K={K} is not a multiple")
+        row_bytes = K // block * BLOCK_BYTES[qtype]
         if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes:
             raise ValueError(f"{qtype} data for K={K} must be uint8 (N, {row_bytes}), got "
                              f"{data.dtype} {tuple(data.shape)}")

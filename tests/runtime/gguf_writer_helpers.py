@@ -42,6 +42,18 @@ def tiny_llama_gqa():
     return _randomized(transformers.LlamaForCausalLM(cfg))
 
 
+def tiny_llama_256():
+    """Llama, 2 layers, hidden 256 (one K-quant block a row), 4 query heads over 2 KV heads
+    (head_dim 64), intermediate 512, untied lm_head: every matrix can be a K-quant."""
+    import transformers
+    cfg = transformers.LlamaConfig(
+        vocab_size=288, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2)
+    return _randomized(transformers.LlamaForCausalLM(cfg))
+
+
 def _randomized(model):
     """Every parameter random (norms and biases too), so a mixed-up mapping cannot hide. Norm
     weights scatter around 1 rather than 0: greedy decoding then wanders over many tokens instead
@@ -116,8 +128,9 @@ def write_model_gguf(path: Path, model, arch: str, qtype_for: Callable[[str, np.
         if name in (raw or {}):
             continue
         qtype = qtype_for(name, arr)
-        w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype),
-                     raw_dtype=qtype)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        data = quantize_k(arr, qtype) if qtype.name in K_QUANTS else gguf.quants.quantize(arr, qtype)
+        w.add_tensor(name, data, raw_dtype=qtype)
     for name, qtype in (raw or {}).items():
         rows, cols = tensors[name].shape
         block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
@@ -128,6 +141,65 @@ def write_model_gguf(path: Path, model, arch: str, qtype_for: Callable[[str, np.
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# --------------------------------------------------------------------------- K-quant blocks
+# gguf-py (0.19) dequantizes the K-quants but cannot quantize them. These write the block layouts
+# of llama.cpp's ggml-quants.c (csrc/kquant.h lists them) with its plain first-guess scales (no
+# iterative refinement: make_qkx2_quants' search only lowers the error, the layout is the same).
+
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def _f16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fp16 bytes (n, 2), the fp16 values as float32) of float32 ``v`` (n,)."""
+    h = v.astype(np.float16)
+    return h.view(np.uint8).reshape(-1, 2), h.astype(np.float32)
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1), 0)
+
+
+def quantize_k(arr: np.ndarray, qtype) -> np.ndarray:
+    """float32 (rows, K), K a multiple of 256 -> uint8 (rows, K / 256 * block bytes) in Q4_K,
+    Q5_K or Q6_K, the bytes `gguf.quants.dequantize` reads."""
+    name = qtype.name
+    rows, K = arr.shape
+    assert K % 256 == 0, K
+    x = arr.reshape(-1, 256).astype(np.float32)
+    n = x.shape[0]
+    if name == "Q6_K":
+        sub = x.reshape(n, 16, 16)
+        step = np.abs(sub).max(-1) / 31  # q - 32 in [-31, 31]
+        d_bytes, d = _f16(step.max(-1) / 127)
+        sc = np.clip(np.round(_safe_div(step, d[:, None])), -128, 127).astype(np.int8)
+        eff = d[:, None] * sc.astype(np.float32)
+        q = (np.clip(np.round(_safe_div(sub, eff[..., None])), -32, 31) + 32).astype(np.uint8)
+        q = q.reshape(n, 2, 4, 32)  # [half h, chunk t, weight l]: weight 128 h + 32 t + l
+        ql = (q[:, :, :2] & 15) | ((q[:, :, 2:] & 15) << 4)  # ql[64 h + 32 k + l], k = t % 2
+        qh = sum(((q[:, :, t] >> 4) & 3) << (2 * t) for t in range(4))
+        blocks = np.concatenate([ql.reshape(n, 128), qh.astype(np.uint8).reshape(n, 64), sc.view(np.uint8), d_bytes], axis=1)
+    else:
+        nmax = 15 if name == "Q4_K" else 31
+        sub = x.reshape(n, 8, 32)
+        lo = np.minimum(sub.min(-1), 0)
+        step, neg_min = (sub.max(-1) - lo) / nmax, -lo
+        d_bytes, d = _f16(step.max(-1) / 63)
+        m_bytes, dmin = _f16(neg_min.max(-1) / 63)
+        sc = np.clip(np.round(_safe_div(step, d[:, None])), 0, 63).astype(np.uint8)
+        mn = np.clip(np.round(_safe_div(neg_min, dmin[:, None])), 0, 63).astype(np.uint8)
+        eff, off = d[:, None] * sc.astype(np.float32), dmin[:, None] * mn.astype(np.float32)
+        q = np.clip(np.round(_safe_div(sub + off[..., None], eff[..., None])), 0, nmax).astype(np.uint8)
+        scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                                 (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=1)
+        qs = ((q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)).reshape(n, 128)  # qs[32 g + l]: sub-blocks 2g, 2g + 1
+        parts = [d_bytes, m_bytes, scales]
+        if name == "Q5_K":
+            parts.append(sum(((q[:, s] >> 4) & 1) << s for s in range(8)).astype(np.uint8))
+        blocks = np.concatenate(parts + [qs], axis=1)
+    return np.ascontiguousarray(blocks.astype(np.uint8)).reshape(rows, -1)
 
 
 # --------------------------------------------------------------------------- hand-made (lying) GGUF bytes
