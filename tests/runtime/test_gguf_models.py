@@ -1,6 +1,7 @@
 """End to end on GGUF files written here the way llama.cpp's converter lays them out (issue 4):
 a tiny GPT-2 and a tiny grouped-query Llama with an untied output.weight, their matrices in
-Q8_0 / Q4_0 / Q4_1 (an F16 one among them), no tokenizer in the file. `LLM` generates greedily
+Q8_0 / Q4_0 / Q4_1 (an F16 one among them), and a Q4_K_M-like Llama (Q4_K / Q5_K / Q6_K), no
+tokenizer in the file. `LLM` generates greedily
 from token ids with the matrices kept packed (`runtime.quant`) and dequantized at load, and
 transformers, loading the same file with ``gguf_file=`` (it dequantizes with gguf-py), is the
 oracle: same tokens, logits within float32 summation-order error. Then GPT-2 through the Triton
@@ -16,7 +17,7 @@ import torch
 from genfuse.runtime.llm import LLM
 from genfuse.runtime.quant import PackedWeight
 from genfuse.runtime.sampling import SamplingParams
-from gguf_writer_helpers import tiny_gpt2, tiny_llama_gqa, write_model_gguf
+from gguf_writer_helpers import tiny_gpt2, tiny_llama_256, tiny_llama_gqa, write_model_gguf
 
 import transformers
 from engine_helpers import prompt_logits
@@ -84,15 +85,16 @@ def _write_pair(d: Path, model, arch: str, pick, **kw) -> Path:
     return path
 
 
-def _oracle(path: Path, prompt: list[int] = PROMPT):
-    """transformers' greedy tokens from ``prompt`` and its last-position logits over prompt + them."""
+def _oracle(path: Path, prompt: list[int] = PROMPT, n_new: int = N_NEW, n_logits: int | None = None):
+    """transformers' greedy ``n_new`` tokens from ``prompt`` and its last-position logits over
+    prompt + them (prompt + the first ``n_logits`` of them, when given)."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent / "hf"), gguf_file=path.name,
                                                            dtype=torch.float32)
     hf.generation_config.bos_token_id = hf.generation_config.eos_token_id = None
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False, pad_token_id=0)
         tokens = out[0, len(prompt):].tolist()
-        logits = hf(torch.tensor([prompt + tokens])).logits[0, -1]
+        logits = hf(torch.tensor([prompt + tokens[:n_logits]])).logits[0, -1]
     return tokens, logits
 
 
@@ -222,12 +224,67 @@ def test_gpt2_gguf_through_triton_interpreter(gpt2_file):
         LLM(path, device="cpu", keep_quantized=True)
 
 
-# --------------------------------------------------------------------------- 4. files to refuse
+# --------------------------------------------------------------------------- 4. K-quants
+
+
+def q4_k_m_types(name: str, arr: np.ndarray):
+    """llama.cpp's Q4_K_M mix on two layers: Q4_K matrices (the embedding too), a Q6_K output
+    head, Q6_K attn_v and ffn_down where its use_more_bits picks them (layer 0 here), and a Q5_K
+    ffn_down in layer 1 (Q5_K_M's type, so all three are run); F32 norms. Hidden 256 and
+    intermediate 512: every row is whole 256-weight blocks."""
+    if arr.ndim == 1:
+        return T.F32
+    if name in ("output.weight", "blk.0.attn_v.weight", "blk.0.ffn_down.weight"):
+        return T.Q6_K
+    if name == "blk.1.ffn_down.weight":
+        return T.Q5_K
+    return T.Q4_K
+
+
+K_NEW = 32
+K_LOGITS = 24  # logits over PROMPT + 24 tokens: 30 rows, a prefill on the packed kernel
+
+
+@pytest.fixture(scope="module")
+def kquant_file(tmp_path_factory):
+    path = _write_pair(tmp_path_factory.mktemp("kquant"), tiny_llama_256(), "llama", q4_k_m_types)
+    return path, _oracle(path, n_new=K_NEW, n_logits=K_LOGITS)
+
+
+def test_k_quant_llama_gguf_generates_like_transformers(kquant_file):
+    """A Q4_K_M-like file, packed (the K-quant integer-dot kernel, 32-bit activations) and
+    dequantized at load (genfuse's C++ dequantizer): transformers' 32 greedy tokens, and logits
+    within float32 rounding of them (kquant.h: float32-exact at 32 bits)."""
+    from genfuse.runtime.quant import PackedRows
+
+    path, (hf_tokens, hf_logits) = kquant_file
+    assert len(set(hf_tokens)) > 4, hf_tokens
+    llms = _both_ways(path)
+    params = SamplingParams(max_tokens=K_NEW, temperature=0, ignore_eos=True)
+    for kq, llm in llms.items():
+        assert llm.generate(PROMPT, params)[0].token_ids == hf_tokens, f"keep_quantized={kq}"
+    packed, dense = llms[True].model, llms[False].model
+    l0, l1 = packed.layers
+    assert isinstance(l0.w_qkv, PackedRows) and [p.qtype for p in l0.w_qkv.parts] == ["Q4_K", "Q4_K", "Q6_K"]
+    assert (l1.w_qkv.qtype, l0.w_down.qtype, l1.w_down.qtype, l0.w_gate_up.qtype) == ("Q4_K", "Q6_K", "Q5_K", "Q4_K")
+    assert (packed.lm_head.qtype, packed.embed.qtype) == ("Q6_K", "Q4_K")
+    assert not any(isinstance(v, (PackedWeight, PackedRows)) for lw in dense.layers for v in vars(lw).values())
+    for lp, ld in zip(packed.layers, dense.layers):
+        assert torch.equal(lp.w_qkv.dequantize(), ld.w_qkv)  # un-permuted q/k rows of blocks
+    ids = PROMPT + hf_tokens[:K_LOGITS]
+    lp, ld = _last_logits(llms[True], ids), _last_logits(llms[False], ids)
+    assert _rel(lp, ld) < 1e-4
+    assert _rel(ld, hf_logits) < 1e-4
+    assert _rel(lp, hf_logits) < 1e-4
+
+
+# --------------------------------------------------------------------------- 5. files to refuse
 
 
 @pytest.mark.parametrize("keep_quantized", [True, False])
 @pytest.mark.parametrize("kind,tensor,qtype", [
-    ("gpt2", "blk.1.ffn_down.weight", T.Q6_K),  # a K-quant: 256-wide blocks, K = 256
+    ("gpt2", "blk.1.ffn_down.weight", T.Q2_K),  # a K-quant genfuse does not read: 256-wide blocks, K = 256
+    ("gpt2", "blk.1.ffn_down.weight", T.IQ2_XXS),  # an i-quant
     ("llama", "blk.2.attn_q.weight", T.Q5_0),  # a q row block llama.cpp permutes
 ])
 def test_unsupported_tensor_type_names_file_and_tensor(tmp_path, kind, tensor, qtype, keep_quantized):
@@ -237,6 +294,7 @@ def test_unsupported_tensor_type_names_file_and_tensor(tmp_path, kind, tensor, q
         LLM(path, device="cpu", backend="torch", keep_quantized=keep_quantized)
     msg = str(e.value)
     assert str(path) in msg and tensor in msg and qtype.name in msg, msg
+    assert "\n" not in msg and "supported GGUF tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K" in msg, msg
 
 
 def test_truncated_gguf_is_refused(tmp_path, gpt2_file):
