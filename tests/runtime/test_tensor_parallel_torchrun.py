@@ -79,6 +79,49 @@ def test_torchrun_generate_equals_one_process(chat):
     assert _processes_naming(str(chat)) == []
 
 
+def test_torchrun_serve(chat):
+    """rank 0 listens and runs the engine, rank 1 only serves its steps; SIGTERM to torchrun ends both."""
+    import queue
+    import re
+    import threading
+
+    import httpx
+
+    gen = [sys.executable, "-m", "genfuse", "generate", "--model", str(chat), "--max-tokens", "8", "--temperature",
+           "0", "--backend", "torch", "--device", "cpu", "Hello"]
+    rc, want, err = _run(gen)
+    assert rc == 0, err[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "genfuse", "serve", str(chat), "--port", "0", "--backend", "torch",
+           "--device", "cpu", "--served-model-name", "tiny"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout], daemon=True).start()
+    errs: list[str] = []
+    reader = threading.Thread(target=lambda: errs.extend(p.stderr), daemon=True)
+    reader.start()
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=TIMEOUT)  # queue.Empty past the bound
+            m = re.search(r"ready at (http://\S+)/v1", line)
+            url = m and m.group(1)
+        r = httpx.post(url + "/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": "Hello", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[:-1]  # generate adds a newline
+        p.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    reader.join(10)  # the rest of stderr, up to its end
+    log = "".join(errs)
+    assert "tensor parallel rank 1/2 holds" in log and "tensor parallel rank 0/2 holds" in log
+    assert _processes_naming(str(chat)) == []
+
+
 def test_launch_env_reads_torchrun_variables(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
