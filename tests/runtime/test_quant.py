@@ -171,7 +171,9 @@ def test_packed_weight_rows_cat_and_embedding():
 
 
 def test_packed_weight_validates():
-    with pytest.raises(ValueError, match="unsupported quant type"):
+    with pytest.raises(ValueError, match="unsupported quant type 'Q2_K'; supported: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K"):
+        PackedWeight(torch.zeros(2, 84, dtype=torch.uint8), "Q2_K", 256)
+    with pytest.raises(ValueError, match="Q5_K rows hold whole blocks of 256: K=32"):
         PackedWeight(torch.zeros(2, 20, dtype=torch.uint8), "Q5_K", 32)
     with pytest.raises(ValueError, match="multiple"):
         PackedWeight(torch.zeros(2, 20, dtype=torch.uint8), "Q4_1", 48)
