@@ -228,7 +228,8 @@ class TPExecutor:
         self.world, self.timeout_s, self.procs = world, timeout_s, []
         rank = _external_world(world)
         if rank:
-            raise ValueError(f"this process is rank {rank}: only rank 0 builds the engine (run_worker serves the steps)")
+            raise ValueError(f"this process is rank {rank}: only rank 0 builds the engine "
+                             "(run_worker serves the steps)")
         env = launch_env()
         local = None if rank is None else (env.local_rank if env is not None else 0)
         self.backend, self.device = choose_backend(backend, device, world, local_rank=local)

@@ -69,7 +69,8 @@ def test_torchrun_generate_equals_one_process(chat):
     assert got == want  # rank 1 prints nothing to stdout
     assert "tensor parallel: 2 ranks on gloo (torchrun's process group)" in err
     for rank in (0, 1):  # each rank says what it holds
-        assert f"tensor parallel rank {rank}/2 holds query heads {2 * rank}-{2 * rank + 1}, KV heads {rank}-{rank}" in err
+        held = f"query heads {2 * rank}-{2 * rank + 1}, KV heads {rank}-{rank}"
+        assert f"tensor parallel rank {rank}/2 holds {held}" in err
     assert _processes_naming(str(chat)) == []  # every rank exited
 
     # a size other than torchrun's: each rank's one-line error (torchrun adds its own report)
