@@ -36,6 +36,8 @@ struct QProblem {
     int64_t N, row_bytes;
     QType type;
     float* y;
+    const uint8_t* xr = nullptr;  // the SIMD paths' activation records (qdot_simd.inc's prepare)
+    int64_t ng = 0;               // their groups a row
 };
 
 uint16_t ld16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
@@ -164,16 +166,15 @@ void quantize_t(const float* x, int64_t M, int64_t K, void* qv, float* d, float*
 // GCC 12's avx512fintrin.h leaves the unused halves of casts and inserts "maybe uninitialized".
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace genfuse::simd_avx2 {
 #define GF_WIDE 0
-#define GF_DOT8_256(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-#define GF_DOT16_256(a, b) _mm256_madd_epi16(a, b)
+#define GF_VNNI 0
 #include "qdot_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
+#undef GF_VNNI
 }  // namespace genfuse::simd_avx2
 #pragma GCC pop_options
 
@@ -181,12 +182,10 @@ namespace genfuse::simd_avx2 {
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 namespace genfuse::simd_avxvnni {
 #define GF_WIDE 0
-#define GF_DOT8_256(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
-#define GF_DOT16_256(a, b) _mm256_dpwssd_avx_epi32(_mm256_setzero_si256(), a, b)
+#define GF_VNNI 1
 #include "qdot_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
+#undef GF_VNNI
 }  // namespace genfuse::simd_avxvnni
 #pragma GCC pop_options
 
@@ -194,16 +193,10 @@ namespace genfuse::simd_avxvnni {
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 namespace genfuse::simd_avx512 {
 #define GF_WIDE 1
-#define GF_DOT8_256(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-#define GF_DOT16_256(a, b) _mm256_madd_epi16(a, b)
-#define GF_DOT8_512(u, s) _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1))
-#define GF_DOT16_512(a, b) _mm512_madd_epi16(a, b)
+#define GF_VNNI 0
 #include "qdot_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
-#undef GF_DOT8_512
-#undef GF_DOT16_512
+#undef GF_VNNI
 }  // namespace genfuse::simd_avx512
 #pragma GCC pop_options
 
@@ -211,16 +204,10 @@ namespace genfuse::simd_avx512 {
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace genfuse::simd_avx512vnni {
 #define GF_WIDE 1
-#define GF_DOT8_256(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-#define GF_DOT16_256(a, b) _mm256_dpwssd_epi32(_mm256_setzero_si256(), a, b)
-#define GF_DOT8_512(u, s) _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s)
-#define GF_DOT16_512(a, b) _mm512_dpwssd_epi32(_mm512_setzero_si512(), a, b)
+#define GF_VNNI 1
 #include "qdot_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
-#undef GF_DOT8_512
-#undef GF_DOT16_512
+#undef GF_VNNI
 }  // namespace genfuse::simd_avx512vnni
 #pragma GCC pop_options
 #pragma GCC diagnostic pop
@@ -259,15 +246,21 @@ std::string names(const std::vector<CpuPath>& paths) {
 
 using RowsFn = void (*)(const QProblem&, int64_t, int64_t);
 
-RowsFn kernel(CpuPath path) {
+struct Kernel {
+    size_t (*act_bytes)(const QProblem&);   // nullptr: the portable path reads quantize_act's blocks
+    void (*prepare)(QProblem&, uint8_t*);
+    RowsFn rows;
+};
+
+Kernel kernel(CpuPath path) {
     switch (path) {
 #ifdef GENFUSE_X86
-        case CpuPath::Avx2: return simd_avx2::rows;
-        case CpuPath::AvxVnni: return simd_avxvnni::rows;
-        case CpuPath::Avx512: return simd_avx512::rows;
-        case CpuPath::Avx512Vnni: return simd_avx512vnni::rows;
+        case CpuPath::Avx2: return {simd_avx2::act_bytes, simd_avx2::prepare, simd_avx2::rows};
+        case CpuPath::AvxVnni: return {simd_avxvnni::act_bytes, simd_avxvnni::prepare, simd_avxvnni::rows};
+        case CpuPath::Avx512: return {simd_avx512::act_bytes, simd_avx512::prepare, simd_avx512::rows};
+        case CpuPath::Avx512Vnni: return {simd_avx512vnni::act_bytes, simd_avx512vnni::prepare, simd_avx512vnni::rows};
 #endif
-        default: return rows_portable;
+        default: return {nullptr, nullptr, rows_portable};
     }
 }
 
@@ -337,9 +330,15 @@ void qdot_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t
     xq.resize(static_cast<size_t>(act == Act::Q32 ? 2 * M * K : M * K));
     xds.resize(static_cast<size_t>(2 * M * nb));
     quantize_act(x, M, K, act, xq.data(), xds.data(), xds.data() + M * nb);
-    const QProblem p{act, xq.data(), xds.data(), xds.data() + M * nb, M, K, nb, w, N,
-                     nb * block_bytes(static_cast<int>(type)), type, y};
-    const RowsFn fn = kernel(path);
+    QProblem p{act, xq.data(), xds.data(), xds.data() + M * nb, M, K, nb, w, N,
+               nb * block_bytes(static_cast<int>(type)), type, y};
+    const Kernel kern = kernel(path);
+    thread_local std::vector<uint64_t> rec;  // 8-byte units; the kernels load it unaligned
+    if (kern.prepare != nullptr) {
+        rec.resize((kern.act_bytes(p) + 7) / 8);
+        kern.prepare(p, reinterpret_cast<uint8_t*>(rec.data()));
+    }
+    const RowsFn fn = kern.rows;
     threads = clamp_threads(threads);
     const int64_t rows = std::max<int64_t>(1, chunk_size(N, K * M, threads, 8));
     const int chunks = static_cast<int>((N + rows - 1) / rows);
