@@ -12,7 +12,11 @@ alternate (genfuse, transformers, genfuse, ...) so that a noisy neighbour hits b
 folder also works) loaded by both genfuse and transformers (for a .gguf, transformers uses its
 own GGUF loader), one prompt, ``--tokens`` new tokens: the median tokens/s over ``--repeats``
 runs (time to first token included, as a user sees it), the spread, and whether both produced
-the same tokens. On CPU this is the SmolLM2-135M fp32 batch-1 comparison of issue 4.
+the same tokens. On CPU this is the SmolLM2-135M fp32 batch-1 comparison of issue 4; with a
+.gguf, llama.cpp (llama-cpp-python, `--llama-python`) runs beside them on the same file.
+``--prefill-tokens L`` adds a long prompt: each implementation's time to first token on an
+L-token prompt of random ids (a new prompt every run, so no prefix cache hits) and the prefill
+tokens/s it implies.
 
 ``shapes`` (CUDA only; on CPU it is skipped with a message): random weights at the shapes of
 SmolLM2-135M, Llama-3.2-1B and Llama-3-8B in bf16, built in memory by transformers from a config
@@ -222,18 +226,20 @@ def compare_model(args) -> dict[str, Any]:
     sync = _sync(llm.device)
     llama_py, llama_note = (None, "llama.cpp not measured: the model is not a .gguf file") \
         if path.suffix != ".gguf" or llm.device.type != "cpu" else find_llama_python(args.llama_python)
-    llama = LlamaCpp(llama_py, path, n_ctx=len(ids) + args.tokens + 8) if llama_py else None
+    n_ctx = max(len(ids) + args.tokens, args.prefill_tokens + 1) + 8
+    llama = LlamaCpp(llama_py, path, n_ctx=n_ctx) if llama_py else None
 
-    def run_genfuse(n, threads):
+    def run_genfuse(n, threads, prompt=ids):
         llm.set_threads(threads)  # genfuse's kernels on `threads`, torch's intra-op threads 1 (packed)
-        return llm.generate([ids], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].token_ids
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        return llm.generate([prompt], params, use_tqdm=False)[0].token_ids
 
-    def run_hf(n, threads):
+    def run_hf(n, threads, prompt=ids):
         torch.set_num_threads(threads)  # transformers: torch's intra-op threads
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids], device=llm.device), max_new_tokens=n, min_new_tokens=n,
+            out = hf.generate(torch.tensor([prompt], device=llm.device), max_new_tokens=n, min_new_tokens=n,
                               do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, len(prompt):].tolist()
 
     impls = {"genfuse": run_genfuse}
     if llama:
@@ -274,6 +280,8 @@ def compare_model(args) -> dict[str, Any]:
                 if name != "genfuse":
                     row[f"genfuse_vs_{name}"] = (row["genfuse"]["decode_tokens_per_s"]["median"]
                                                  / row[name]["decode_tokens_per_s"]["median"])
+            if args.prefill_tokens:
+                row["prefill"] = _time_prefill(args, impls, llama, llm.config.vocab_size, threads)
             by_threads.append(row)
             print(f"[model] {threads} thread(s): " + ", ".join(
                 f"{k} {row[k]['decode_tokens_per_s']['median']:.1f} tok/s" for k in impls), file=sys.stderr, flush=True)
@@ -300,6 +308,35 @@ def compare_model(args) -> dict[str, Any]:
         result["same_tokens"] = first_row["same_tokens_as_transformers"].get("genfuse")
         result["speedup"] = result["genfuse"]["tokens_per_s_median"] / result["transformers"]["tokens_per_s_median"]
     return result
+
+
+def _time_prefill(args, impls: dict[str, Any], llama, vocab: int, threads: int) -> dict[str, Any]:
+    """Time to first token of a ``--prefill-tokens`` prompt for each implementation, interleaved:
+    one new token, so the time is the prompt's prefill. Every run gets its own prompt (seeded
+    random ids, a different seed a run) so that no prefix cache (genfuse's, llama.cpp's) hits."""
+    L = args.prefill_tokens
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    for rep in range(args.repeats + 1):  # round 0 is the warm-up
+        prompt = torch.randint(0, vocab, (L,), generator=torch.Generator().manual_seed(1000 + rep)).tolist()
+        for name, fn in impls.items():
+            if name == "llama.cpp":
+                dt, _ = llama.run(prompt, 1, threads)
+            else:
+                t0 = time.perf_counter()
+                fn(1, threads, prompt)
+                dt = time.perf_counter() - t0
+            if rep:
+                times[name].append(dt)
+    out: dict[str, Any] = {"prompt_tokens": L}
+    for name, ts in times.items():
+        out[name] = {"ttft_s": _spread(ts), "prefill_tokens_per_s": _spread([L / t for t in ts])}
+    for name in times:
+        if name != "genfuse":
+            out[f"genfuse_vs_{name}"] = (out["genfuse"]["prefill_tokens_per_s"]["median"]
+                                         / out[name]["prefill_tokens_per_s"]["median"])
+    print(f"[prefill] {threads} thread(s), {L} tokens: " + ", ".join(
+        f"{k} {out[k]['prefill_tokens_per_s']['median']:.0f} tok/s" for k in times), file=sys.stderr, flush=True)
+    return out
 
 
 def harness_cpu() -> dict[str, Any]:
@@ -490,6 +527,11 @@ def format_model(r: dict[str, Any]) -> str:
         same = ", ".join(f"{k}: {v}" for k, v in row["same_tokens_as_transformers"].items())
         lines.append(f"  {row['threads']} thread(s), decode: " + "; ".join(parts) +
                      (f"  | genfuse vs {ratios}" if ratios else "") + (f"  | same tokens as transformers: {same}" if same else ""))
+        if "prefill" in row:
+            pf = row["prefill"]
+            lines.append(f"  {row['threads']} thread(s), prefill of {pf['prompt_tokens']} tokens: " + "; ".join(
+                f"{k} {pf[k]['prefill_tokens_per_s']['median']:.0f} tok/s (TTFT {pf[k]['ttft_s']['median']:.2f} s)"
+                for k in ("genfuse", "llama.cpp", "transformers") if k in pf))
     lines.append("  load: " + ", ".join(f"{k} {v if isinstance(v, dict) else round(v, 3)}" for k, v in r["load_s"].items()))
     lines.append(f"  {r['llama_cpp']}")
     return "\n".join(lines)
@@ -545,6 +587,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "$GENFUSE_LLAMA_PYTHON, else this one); llama.cpp is skipped, and the report says so, "
                         "when none imports it")
     p.add_argument("--no-transformers", action="store_true", help="model part: skip transformers")
+    p.add_argument("--prefill-tokens", type=int, default=0, metavar="L",
+                   help="model part: also time the prefill of an L-token prompt (time to first token, a fresh "
+                        "random prompt each run so no prefix cache hits), e.g. 4000 (default 0: skipped)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"shapes part: which (default {','.join(SHAPES)})")
     p.add_argument("--batches", default=",".join(map(str, GPU_BATCHES)),
@@ -572,8 +617,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         args.thread_list = _int_list(args.threads, "--threads") if args.threads else None
         if bad:
             raise ValueError(f"unknown parts or shapes {bad}; parts: {', '.join(PARTS)}; shapes: {', '.join(SHAPES)}")
-        if args.tokens < 2 or args.repeats < 1 or args.prompt_tokens < 1:
-            raise ValueError("--tokens must be >= 2, --repeats and --prompt-tokens >= 1")
+        if args.tokens < 2 or args.repeats < 1 or args.prompt_tokens < 1 or args.prefill_tokens < 0:
+            raise ValueError("--tokens must be >= 2, --repeats and --prompt-tokens >= 1, --prefill-tokens >= 0")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

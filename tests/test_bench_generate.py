@@ -106,8 +106,9 @@ def test_cpu_run_compares_a_model_folder_and_skips_the_shapes(tmp_path, capsys):
     gb.random_hf_model(TINY, torch.float32, "cpu").save_pretrained(folder)
     out = tmp_path / "r.json"
     assert cli_main(["bench", "generate", "--model", str(folder), "--tokens", "4", "--repeats", "1",
-                     "--json", str(out)]) == 0
+                     "--prefill-tokens", "40", "--json", str(out)]) == 0
     captured = capsys.readouterr()
+    assert "prefill of 40 tokens: genfuse" in captured.out
     assert "shapes part skipped: needs a CUDA GPU" in captured.err
     assert "same tokens as transformers: genfuse: True" in captured.out
     assert "llama.cpp not measured: the model is not a .gguf file" in captured.out
@@ -117,6 +118,8 @@ def test_cpu_run_compares_a_model_folder_and_skips_the_shapes(tmp_path, capsys):
     assert m["genfuse"]["tokens_per_s_median"] > 0 and m["speedup"] > 0
     row = m["by_threads"][0]
     assert row["genfuse"]["decode_tokens_per_s"]["n"] == 1 and "llama.cpp" not in row
+    pf = row["prefill"]
+    assert pf["prompt_tokens"] == 40 and pf["genfuse"]["ttft_s"]["n"] == 1 and pf["genfuse_vs_transformers"] > 0
     assert m["cpu_path"] and "model" in m["cpu"]
     assert "needs a CUDA GPU" in report["shapes"]["skipped"]
     assert report["device"]["cuda_available"] is False
