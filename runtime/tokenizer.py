@@ -346,14 +346,21 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def _merges(md: dict, vocab: dict[str, int], scores: dict[str, float] | None = None,
-            source: str = "<gguf>") -> list[tuple[str, str]]:
+            source: str = "<gguf>", check: bool | None = None) -> list[tuple[str, str]]:
     """The file's merges, or (SentencePiece files list none) the merges its scores imply:
     every split of a token into two vocabulary pieces, best-scored token first, as
     transformers' `generate_merges` orders them. A file's merge that is not two vocabulary
-    tokens separated by a space is a ValueError naming it."""
+    tokens separated by a space is a ValueError naming it (``check=True``; by default merges of
+    two non-empty pieces are returned unchecked and `_bpe` re-reads them checked if the BPE
+    builder refuses one)."""
     if md.get("tokenizer.ggml.merges"):
+        merges = md["tokenizer.ggml.merges"]
+        if check is None:  # fast path: the tokens' membership is left to the BPE builder (_bpe)
+            pairs = [tuple(m.split(" ")) for m in merges]
+            if set(map(len, pairs)) == {2} and all(map(all, pairs)):
+                return pairs
         pairs = []
-        for i, m in enumerate(md["tokenizer.ggml.merges"]):
+        for i, m in enumerate(merges):
             a, _, b = m.partition(" ")
             if not a or not b or a not in vocab or b not in vocab:
                 why = "is not two tokens separated by a space" if not a or not b else "names a token not in the vocabulary"
@@ -386,26 +393,39 @@ def _added_tokens(backend, md: dict, byte_level: bool) -> None:
                if ty == TOKEN_TYPE_CONTROL and (alphabet is None or set(t) <= alphabet)]
     if control:
         backend.add_special_tokens(control)
-    vocab = backend.get_vocab()
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
-            if ty == TOKEN_TYPE_USER_DEFINED and t in vocab]
+    user = [t for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED]
     if user:
-        backend.add_tokens(user)
+        vocab = backend.get_vocab()
+        backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user if t in vocab])
+
+
+def _bpe(md: dict, vocab: dict[str, int], source: str, **kwargs):
+    """tokenizers' BPE over ``vocab`` and the file's merges; a merge naming a token outside the
+    vocabulary is the ValueError of `_merges` (checked only when the builder refuses)."""
+    from tokenizers.models import BPE
+
+    try:
+        return BPE(vocab=vocab, merges=_merges(md, vocab, source=source), dropout=None, **kwargs)
+    except Exception:  # tokenizers raises a bare Exception: find the merge and name it
+        _merges(md, vocab, source=source, check=True)
+        raise
 
 
 def _byte_level_bpe(md: dict, source: str = "<gguf>"):
     from tokenizers import Regex, Tokenizer as Backend, decoders, pre_tokenizers
-    from tokenizers.models import BPE
 
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {}
-    for i, t in enumerate(md["tokenizer.ggml.tokens"]):
-        # a token written in plain UTF-8 (some files spell added tokens that way) is respelled
-        key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-        vocab[key] = i
-    backend = Backend(BPE(vocab=vocab, merges=_merges(md, vocab, source=source), dropout=None,
-                          continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tokens = md["tokenizer.ggml.tokens"]
+    if set("".join(tokens)) <= alphabet:  # the usual file: every token in the byte alphabet
+        vocab = dict(zip(tokens, range(len(tokens))))
+    else:
+        vocab = {}
+        for i, t in enumerate(tokens):
+            # a token written in plain UTF-8 (some files spell added tokens that way) is respelled
+            key = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
+            vocab[key] = i
+    backend = Backend(_bpe(md, vocab, source, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     split = PRE_TOKENIZER_SPLITS.get(md.get("tokenizer.ggml.pre"))
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -423,11 +443,9 @@ def _sentencepiece_bpe(md: dict, source: str = "<gguf>"):
     """SentencePiece BPE as transformers' LlamaTokenizer builds it: "▁" for spaces prepended to
     the first word, byte fallback for characters outside the vocabulary."""
     from tokenizers import Tokenizer as Backend, decoders, pre_tokenizers
-    from tokenizers.models import BPE
 
     vocab = {t: i for i, t in enumerate(md["tokenizer.ggml.tokens"])}
-    backend = Backend(BPE(vocab=vocab, merges=_merges(md, vocab, source=source), fuse_unk=True, byte_fallback=True,
-                          dropout=None))
+    backend = Backend(_bpe(md, vocab, source, fuse_unk=True, byte_fallback=True))
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     backend.decoder = decoders.Sequence([

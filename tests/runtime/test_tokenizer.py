@@ -273,6 +273,22 @@ def test_byte_level_gguf_with_split_regex(smollm, tmp_path):
     assert chunks(tok, "(hello I'LL") != chunks(smollm[0], "(hello I'LL")
 
 
+@pytest.mark.parametrize("bad, why", [("Ġt zzzq", "names a token not in the vocabulary"),
+                                      ("Ġthe", "is not two tokens separated by a space")])
+def test_gguf_bad_merge_is_named(tmp_path, bad, why):
+    """The fast path hands merges to tokenizers unchecked; a bad one is still named by index."""
+    from genfuse.runtime.gguf_io import open_gguf
+
+    md = open_gguf(smollm_gguf()).metadata
+    merges = list(md["tokenizer.ggml.merges"][:300])
+    merges[123] = bad
+    vocab = {"model": "gpt2", "pre": "smollm", "tokens": md["tokenizer.ggml.tokens"],
+             "types": md["tokenizer.ggml.token_type"], "merges": merges, "bos": 1, "eos": 2}
+    write_gguf(tmp_path / "bad.gguf", tiny_hf_model("smol"), "llama", tokenizer=vocab)
+    with pytest.raises(ValueError, match=rf"tokenizer.ggml.merges\[123\] = {bad!r} {why}"):
+        Tokenizer.from_gguf(tmp_path / "bad.gguf")
+
+
 def test_gguf_without_tokenizer(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", tiny_hf_model("smol"), "llama",
                       tokenizer={"model": "none", "tokens": [], "types": []})
