@@ -34,16 +34,19 @@ struct KProblem {
 
 inline uint16_t ld16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
-// Q4_K / Q5_K: the eight 6-bit scales and mins (gguf's Q4_K.get_scale_min).
-inline void scale_min(const uint8_t* b, uint8_t* sc, uint8_t* mn) {
-    for (int j = 0; j < 4; ++j) {
-        sc[j] = b[j] & 63;
-        mn[j] = b[j + 4] & 63;
-    }
-    for (int j = 4; j < 8; ++j) {
-        sc[j] = static_cast<uint8_t>((b[j + 4] & 15) | ((b[j - 4] >> 6) << 4));
-        mn[j] = static_cast<uint8_t>((b[j + 4] >> 4) | ((b[j] >> 6) << 4));
-    }
+// Q4_K / Q5_K: the eight 6-bit scales and mins (gguf's Q4_K.get_scale_min), four bytes at a
+// time (llama.cpp's masks): out[0..8) = sc, out[8..16) = mn. Every shift is masked back into
+// its own byte, so the 32-bit words act as four bytes each.
+inline void scale_min(const uint8_t* b, uint8_t* out) {
+    uint32_t u[4];
+    std::memcpy(u, b, 12);
+    constexpr uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4);  // mn[4..8)
+    const uint32_t mn_lo = u[1] & m6;                        // mn[0..4)
+    u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);          // sc[4..8)
+    u[2] = mn_lo;
+    u[0] &= m6;                                              // sc[0..4)
+    std::memcpy(out, u, 16);
 }
 
 // The 32 integer weights of chunk c (0..7) of a block: Q4_K / Q5_K q (0..31), Q6_K q - 32.
@@ -78,8 +81,9 @@ void dequant_t(const uint8_t* blk, float* out) {
         return;
     }
     const float d = half_to_float(ld16(blk)), dmin = half_to_float(ld16(blk + 2));
-    uint8_t sc[8], mn[8];
-    scale_min(blk + 4, sc, mn);
+    uint8_t sm[16];
+    scale_min(blk + 4, sm);
+    const uint8_t *sc = sm, *mn = sm + 8;
     for (int c = 0; c < 8; ++c) {
         chunk_ints<T>(blk, c, q);
         const float ds = d * static_cast<float>(sc[c]), dm = dmin * static_cast<float>(mn[c]);
@@ -124,8 +128,9 @@ void rows_portable_t(const KProblem& p, int64_t n0, int64_t n1) {
                     }
                 } else {
                     const float d = half_to_float(ld16(blk)), dmin = half_to_float(ld16(blk + 2));
-                    uint8_t sc[8], mn[8];
-                    scale_min(blk + 4, sc, mn);
+                    uint8_t sm[16];
+                    scale_min(blk + 4, sm);
+                    const uint8_t *sc = sm, *mn = sm + 8;
                     for (int c = 0; c < 8; ++c) {
                         const int64_t b = 8 * k + c;
                         const A* x = xrow + b * xb;
@@ -171,44 +176,58 @@ void rows_portable(const KProblem& p, int64_t n0, int64_t n1) {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace genfuse::kq::simd_avx2 {
+#define GF_WIDE 0
 #define GF_DOT8_256(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 #define GF_DOT16_256(a, b) _mm256_madd_epi16(a, b)
 #include "kquant_simd.inc"
+#undef GF_WIDE
 #undef GF_DOT8_256
 #undef GF_DOT16_256
+#undef GF_DOT16_512
 }  // namespace genfuse::kq::simd_avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 namespace genfuse::kq::simd_avxvnni {
+#define GF_WIDE 0
 #define GF_DOT8_256(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
 #define GF_DOT16_256(a, b) _mm256_dpwssd_avx_epi32(_mm256_setzero_si256(), a, b)
 #include "kquant_simd.inc"
+#undef GF_WIDE
 #undef GF_DOT8_256
 #undef GF_DOT16_256
+#undef GF_DOT16_512
 }  // namespace genfuse::kq::simd_avxvnni
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 namespace genfuse::kq::simd_avx512 {
+#define GF_WIDE 1
 #define GF_DOT8_256(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 #define GF_DOT16_256(a, b) _mm256_madd_epi16(a, b)
+#define GF_DOT16_512(a, b) _mm512_madd_epi16(a, b)
 #include "kquant_simd.inc"
+#undef GF_WIDE
 #undef GF_DOT8_256
 #undef GF_DOT16_256
+#undef GF_DOT16_512
 }  // namespace genfuse::kq::simd_avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace genfuse::kq::simd_avx512vnni {
+#define GF_WIDE 1
 #define GF_DOT8_256(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
 #define GF_DOT16_256(a, b) _mm256_dpwssd_epi32(_mm256_setzero_si256(), a, b)
+#define GF_DOT16_512(a, b) _mm512_dpwssd_epi32(_mm512_setzero_si512(), a, b)
 #include "kquant_simd.inc"
+#undef GF_WIDE
 #undef GF_DOT8_256
 #undef GF_DOT16_256
+#undef GF_DOT16_512
 }  // namespace genfuse::kq::simd_avx512vnni
 #pragma GCC pop_options
 #pragma GCC diagnostic pop
