@@ -55,6 +55,42 @@ def collective_timeout_s() -> float:
     return value
 
 
+class _SigintAfterStep:
+    """Ctrl-C on rank 0 waits for the end of the step or command in flight: a step cut halfway
+    would leave rank 0 and the workers in different collectives (then the STOP that ends them
+    would wait out the timeout). Only where Python's own Ctrl-C handler is installed, in the
+    main thread; re-entrant."""
+
+    depth = 0
+    pending = False
+
+    def __enter__(self):
+        cls = type(self)
+        self.active = cls.depth > 0 or (threading.current_thread() is threading.main_thread()
+                                        and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.active:
+            if cls.depth == 0:
+                cls.pending = False
+                signal.signal(signal.SIGINT, cls._later)
+            cls.depth += 1
+
+    @classmethod
+    def _later(cls, sig, frame):
+        cls.pending = True
+
+    def __exit__(self, kind, value, tb):
+        cls = type(self)
+        if not self.active:
+            return False
+        cls.depth -= 1
+        if cls.depth == 0:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if cls.pending and kind is None:
+                cls.pending = False
+                raise KeyboardInterrupt
+        return False
+
+
 class TensorParallelError(RuntimeError):
     """A tensor-parallel worker failed, died or stopped answering."""
 
@@ -269,9 +305,10 @@ class TPExecutor:
             header = torch.zeros(_HEADER, dtype=torch.int64)
             header[0], header[1] = cmd, 0 if payload is None else payload.numel()
         try:
-            dist.broadcast(header.to(self.device), src=0)
-            if payload is not None and payload.numel():
-                dist.broadcast(payload.to(self.device), src=0)
+            with _SigintAfterStep():
+                dist.broadcast(header.to(self.device), src=0)
+                if payload is not None and payload.numel():
+                    dist.broadcast(payload.to(self.device), src=0)
         except Exception as e:
             raise TensorParallelError(f"a tensor-parallel worker failed or stopped answering: {e}") from e
         dead = [p.name for p in self.procs if not p.is_alive()]
@@ -302,9 +339,14 @@ class TPExecutor:
                 dist.broadcast(header, src=0)
             except Exception:  # noqa: BLE001 - a dead worker: kill the rest below
                 pass
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
+        try:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+        except KeyboardInterrupt:  # Ctrl-C while they stop: do not wait for them
+            for p in procs:
                 p.kill()
                 p.join(timeout=5)
         if made_group and dist.is_initialized():
@@ -328,9 +370,10 @@ class _RankZeroModel:
         self._net.setup_rope(max_len)
 
     def forward_step(self, inp: StepInputs, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        self._ex.step(inp)
         try:
-            return self._net.forward_step(inp, k_pool, v_pool)
+            with _SigintAfterStep():  # every rank runs the whole step, or none does
+                self._ex.step(inp)
+                return self._net.forward_step(inp, k_pool, v_pool)
         except dist.DistError as e:  # a collective inside the step: a peer died, hung or failed
             raise TensorParallelError(f"a tensor-parallel collective failed (a worker died, hung past "
                                       f"{self._ex.timeout_s:.0f} s, or failed): {e}") from e

@@ -123,3 +123,38 @@ def test_bad_timeout_setting_is_one_line(tiny_llama, monkeypatch):
     monkeypatch.setenv("GENFUSE_TP_TIMEOUT_S", "soon")
     with pytest.raises(ValueError, match=r"GENFUSE_TP_TIMEOUT_S must be a number of seconds > 0, got 'soon'"):
         Engine(str(tiny_llama), device="cpu", tensor_parallel_size=2)
+
+
+def test_ctrl_c_during_generate_over_2_ranks(tmp_path):
+    # a terminal's Ctrl-C reaches the whole process group: rank 0 finishes the step in flight
+    # (a step cut halfway would leave the ranks in different collectives), stops, exits 130;
+    # the worker ignores SIGINT and stops on rank 0's STOP
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from llm_helpers import tiny_chat_folder
+
+    folder = tiny_chat_folder(tmp_path / "chat")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.Popen([sys.executable, "-m", "genfuse", "generate", "--model", str(folder), "--max-tokens", "250",
+                          "--max-model-len", "256", "--temperature", "0", "--backend", "torch", "--device", "cpu",
+                          "--tensor-parallel-size", "2", "H"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        assert p.stdout.read(1)  # generating (250 tokens take seconds here)
+        group = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert len(group) >= 2  # rank 0 and its worker
+        os.killpg(p.pid, signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    err = err.decode()
+    assert p.returncode == 130 and "[interrupted]" in err and "Traceback" not in err, err[-2000:]
+    deadline = time.monotonic() + 15
+    while subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a process of the run is still alive"
+        time.sleep(0.1)
