@@ -119,7 +119,7 @@ def _sync(device: torch.device) -> Callable[[], None]:
 LLAMA_CHILD = r"""
 import json, sys, time
 from llama_cpp import Llama
-path = sys.argv[1]
+path, flash_attn = sys.argv[1], sys.argv[2] == "1"
 models = {}
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
@@ -127,7 +127,8 @@ for line in sys.stdin:
     t = req["threads"]
     if t not in models:
         t0 = time.perf_counter()
-        models[t] = Llama(model_path=path, n_threads=t, n_threads_batch=t, n_ctx=req["n_ctx"], verbose=False)
+        models[t] = Llama(model_path=path, n_threads=t, n_threads_batch=t, n_ctx=req["n_ctx"],
+                          flash_attn=flash_attn, verbose=False)
         load_s = time.perf_counter() - t0
     else:
         load_s = None
@@ -166,11 +167,12 @@ def find_llama_python(given: str | None) -> tuple[str | None, str]:
 class LlamaCpp:
     """The llama.cpp child process: `run(ids, n, threads)` -> (seconds, tokens)."""
 
-    def __init__(self, python: str, gguf: Path, n_ctx: int):
+    def __init__(self, python: str, gguf: Path, n_ctx: int, flash_attn: bool = False):
         import subprocess
 
         self.n_ctx = n_ctx
-        self.proc = subprocess.Popen([python, "-c", LLAMA_CHILD, str(gguf)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-c", LLAMA_CHILD, str(gguf), "1" if flash_attn else "0"],
+                                     stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         self._read()
         self.load_s: dict[int, float] = {}
@@ -227,7 +229,7 @@ def compare_model(args) -> dict[str, Any]:
     llama_py, llama_note = (None, "llama.cpp not measured: the model is not a .gguf file") \
         if path.suffix != ".gguf" or llm.device.type != "cpu" else find_llama_python(args.llama_python)
     n_ctx = max(len(ids) + args.tokens, args.prefill_tokens + 1) + 8
-    llama = LlamaCpp(llama_py, path, n_ctx=n_ctx) if llama_py else None
+    llama = LlamaCpp(llama_py, path, n_ctx=n_ctx, flash_attn=args.llama_flash_attn) if llama_py else None
 
     def run_genfuse(n, threads, prompt=ids):
         llm.set_threads(threads)  # genfuse's kernels on `threads`, torch's intra-op threads 1 (packed)
@@ -299,7 +301,7 @@ def compare_model(args) -> dict[str, Any]:
         "prompt_tokens": len(ids), "new_tokens": args.tokens, "repeats": args.repeats,
         "load_s": {"genfuse": genfuse_load_s, **({"transformers": hf_load_s} if hf is not None else {}),
                    **({"llama.cpp": llama.load_s} if llama else {})},
-        "llama_cpp": llama_note, "by_threads": by_threads,
+        "llama_cpp": llama_note, "llama_flash_attn": args.llama_flash_attn, "by_threads": by_threads,
         "genfuse": {"tokens_per_s_median": first_row["genfuse"]["tokens_per_s_median"]},
         "torch": torch.__version__,
     }
@@ -533,7 +535,7 @@ def format_model(r: dict[str, Any]) -> str:
                 f"{k} {pf[k]['prefill_tokens_per_s']['median']:.0f} tok/s (TTFT {pf[k]['ttft_s']['median']:.2f} s)"
                 for k in ("genfuse", "llama.cpp", "transformers") if k in pf))
     lines.append("  load: " + ", ".join(f"{k} {v if isinstance(v, dict) else round(v, 3)}" for k, v in r["load_s"].items()))
-    lines.append(f"  {r['llama_cpp']}")
+    lines.append(f"  {r['llama_cpp']}" + (", flash_attn=True" if r.get("llama_flash_attn") else ""))
     return "\n".join(lines)
 
 
@@ -586,6 +588,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="model part: a python whose environment has llama-cpp-python (default: "
                         "$GENFUSE_LLAMA_PYTHON, else this one); llama.cpp is skipped, and the report says so, "
                         "when none imports it")
+    p.add_argument("--llama-flash-attn", action="store_true",
+                   help="model part: run llama.cpp with flash_attn=True (llama-cpp-python's default is off)")
     p.add_argument("--no-transformers", action="store_true", help="model part: skip transformers")
     p.add_argument("--prefill-tokens", type=int, default=0, metavar="L",
                    help="model part: also time the prefill of an L-token prompt (time to first token, a fresh "
