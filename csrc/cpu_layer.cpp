@@ -97,7 +97,7 @@ constexpr Kernels kKernels{rms_norm_rows, add_rows, rotary_heads, swiglu_rows, d
 // ------------------------------------------------------------------ AVX-512 (512 bits)
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl")
 namespace avx512 {
 using vf = __m512;
 constexpr int64_t W = 16;
@@ -117,15 +117,17 @@ inline vf vpow2i(vf n) {
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_castsi512_ps(e);
 }
+// the high 256 bits through the AVX512F double extract (extractf32x8 would need AVX512DQ)
+inline __m256 hi256(vf a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)); }
 inline float vhsum(vf a) {
-    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), hi256(a));
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 inline float vhmax(vf a) {
-    const __m256 s8 = _mm256_max_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    const __m256 s8 = _mm256_max_ps(_mm512_castps512_ps256(a), hi256(a));
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     s = _mm_max_ss(s, _mm_movehdup_ps(s));

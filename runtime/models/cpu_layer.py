@@ -28,12 +28,15 @@ import os
 import torch
 from genfuse.kernels._common import resolve_backend
 
-from ..quant import QTYPES, PackedRows, PackedWeight, act_bits
+from ..quant import MAX_PACKED_ROWS, QTYPES, PackedRows, PackedWeight, act_bits
 from ..threads import kernel_threads
 
 ENV = "GENFUSE_FUSED_LAYERS"  # "0": off; "all": dense float32 weights too; else packed weights only
-# Steps of more tokens take the torch path (bench/cpu_layer_bench.py --tokens measures it).
-MAX_TOKENS = 32
+# Steps of more tokens take the torch path. It is where `linear` leaves the packed kernel for a
+# dequantized weight and torch's GEMM (the fused call has only the packed kernel): below it the
+# fused step does the same matmuls with less around them, above it the GEMM wins (SmolLM2, 1
+# thread: 64 sequences decoding 1.09 s unfused vs 1.49 s fused; bench/cpu_layer_bench.py batch).
+MAX_TOKENS = MAX_PACKED_ROWS
 
 
 def _weight(w):

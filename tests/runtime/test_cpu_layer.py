@@ -297,3 +297,22 @@ def test_bad_weights_one_line_error():
         assert msg in str(e.value) and "\n" not in str(e.value), name
     with pytest.raises(ValueError, match="not a multiple"):
         _C.CpuDecoder(64, 3, 2, 32, 96, 1e-5, [good])
+
+
+def test_layer_ranges_compose():
+    """forward(first=0, last=L) equals one call a layer (mlp_in carrying the MLP residual), bit
+    for bit: the same kernels in the same order."""
+    model = tiny_model(4, 2, 32, True)
+    dec = cpu_layer.decoder(model)
+    outs = []
+    for split in (False, True):
+        args = _args(model)
+        args["h"][:] = np.random.default_rng(3).standard_normal((3, 64)).astype(np.float32)
+        if split:
+            for i in range(dec.num_layers):
+                dec.forward(**args, first=i, last=i + 1, mlp_in=i > 0)
+        else:
+            dec.forward(**args)
+        outs.append((args["h"].copy(), args["mlp_out"].copy(), args["k_pool"].copy()))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
