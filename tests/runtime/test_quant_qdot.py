@@ -258,3 +258,63 @@ def test_bad_arguments_raise():
         _C.qdot_matmul(x, blocks, int(T.Q4_1), y, 1, None, 4)
     _C.qdot_matmul(np.zeros((0, 64), np.float32), blocks, int(T.Q4_1), np.zeros((0, 8), np.float32), 4)  # M = 0
     _C.qdot_matmul(x, blocks[:0], int(T.Q4_1), np.zeros((2, 0), np.float32), 4)  # N = 0
+
+
+# Awkward shapes for the SIMD paths' tiles: 4 weight rows x up to 4 (512-bit) or 2 (256-bit)
+# activation rows, over groups of 4 or 2 blocks; N not a multiple of 4, M across the tile sizes
+# and the pre-decoded path (M above the tile), K = 1, 2, 3 and 18 blocks (partial last groups).
+AWKWARD_N = [1, 3, 5, 7, 9, 17]
+AWKWARD_M = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 64]
+AWKWARD_K = [32, 64, 96, 576]
+
+
+@pytest.fixture(scope="module")
+def awkward_cases():
+    """Per (qtype, K): blocks (17 rows), x (64 rows), and per bits the float64 oracle and bound."""
+    out = {}
+    for qtype in TYPES:
+        for K in AWKWARD_K:
+            blocks, deq = packed(max(AWKWARD_N), K, qtype, seed=K + int(qtype))
+            rng = np.random.default_rng(K)
+            x = (rng.standard_normal((max(AWKWARD_M), K)) * rng.uniform(0.1, 10, size=(max(AWKWARD_M), 1))).astype(np.float32)
+            x[:, :3] += 15.0  # an outlier channel
+            per_bits = {}
+            for bits in (32, 16, 8):
+                xq, _ = dequantized_activations(x, bits)
+                per_bits[bits] = (xq @ deq.astype(np.float64).T, oracle_bound(x, blocks, qtype, bits))
+            out[qtype, K] = blocks, x, per_bits
+    return out
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8], ids=["q32", "q16", "q8"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_awkward_shapes_match_the_oracle_and_do_not_depend_on_the_tiling(awkward_cases, path, qtype, bits):
+    """Every (M, N, K) of the lists above against the float64 oracle within the bound; and a row's
+    result is the same bits whatever M and N it is computed in (the tiles never mix rows), so
+    each (M, N) product equals the top-left corner of the (64, 17) one."""
+    for K in AWKWARD_K:
+        blocks, x, per_bits = awkward_cases[qtype, K]
+        oracle, bound = per_bits[bits]
+        full = qdot(x, blocks, qtype, 1, path, bits)
+        assert np.all(np.abs(full - oracle) <= bound), (K, np.max(np.abs(full - oracle) / bound))
+        for i, M in enumerate(AWKWARD_M):
+            N = AWKWARD_N[(i + K) % len(AWKWARD_N)]
+            y = qdot(x[:M], blocks[:N], qtype, 1 + i % 2, path, bits)
+            assert np.array_equal(y, full[:M, :N]), (M, N, K)
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8], ids=["q32", "q16", "q8"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_non_finite_rows_on_every_type_and_width(path, qtype, bits):
+    """NaN / inf in one block of a row makes that row's outputs NaN, in every tile position
+    (M = 9: both the 4-row tiles and the remainder; K = 96: a partial last group)."""
+    blocks, _ = packed(7, 96, qtype, seed=3)
+    x = np.random.default_rng(4).standard_normal((9, 96)).astype(np.float32)
+    bad = {0: np.nan, 3: np.inf, 5: -np.inf, 8: np.nan}
+    for m, v in bad.items():
+        x[m, 70 + m] = v  # in the third block: the partial group
+    y = qdot(x, blocks, qtype, 1, path, bits)
+    for m in range(9):
+        assert np.isnan(y[m]).all() if m in bad else np.isfinite(y[m]).all(), m
