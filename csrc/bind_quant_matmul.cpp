@@ -17,6 +17,7 @@
 
 #include <unistd.h>
 
+#include "kquant.h"
 #include "pyargs.h"
 #include "qdot.h"
 #include "quant_matmul.h"
@@ -199,26 +200,32 @@ void register_quant_matmul(py::module_& m) {
           "14 Q6_K; blocks of 32, 256 for the K-quants), x and y float32 "
           "C-contiguous numpy arrays. path: a name from cpu_paths() (None: cpu_path()); act_bits 32, 16 or 8.");
     m.def("quantize_activations",
-          [](const py::handle& x_, int act_bits) {
+          [](const py::handle& x_, int act_bits, int block) {
               const genfuse::Act act = activation(act_bits);
+              if (block != genfuse::kQBlock && block != genfuse::kKBlock)
+                  throw py::value_error("block must be 32 (qdot's blocks) or 256 (the K-quants'), got " + std::to_string(block));
               const py::array x = ndarray(x_, "x");
               check_2d(x, "x", 'f', 4, false);
               const int64_t M = x.shape(0), K = x.shape(1);
-              if (K <= 0 || K % genfuse::kQBlock)
-                  throw py::value_error("K must be a positive multiple of 32, got " + std::to_string(K));
+              if (K <= 0 || K % block)
+                  throw py::value_error("K must be a positive multiple of " + std::to_string(block) + ", got " + std::to_string(K));
               py::array q = act == genfuse::Act::Q8    ? py::array(py::array_t<int8_t>({M, K}))
                             : act == genfuse::Act::Q16 ? py::array(py::array_t<int16_t>({M, K}))
                                                        : py::array(py::array_t<int16_t>({M, 2 * K}));
-              py::array_t<float> d({M, K / genfuse::kQBlock}), s({M, K / genfuse::kQBlock});
-              genfuse::quantize_act(static_cast<const float*>(x.data()), M, K, act, q.mutable_data(), d.mutable_data(),
-                                    s.mutable_data());
+              py::array_t<float> d({M, K / block}), s({M, K / genfuse::kQBlock});
+              const auto* xp = static_cast<const float*>(x.data());
+              if (block == genfuse::kKBlock)
+                  genfuse::quantize_act_k(xp, M, K, act, q.mutable_data(), d.mutable_data(), s.mutable_data());
+              else
+                  genfuse::quantize_act(xp, M, K, act, q.mutable_data(), d.mutable_data(), s.mutable_data());
               return py::make_tuple(q, d, s);
           },
-          py::arg("x"), py::arg("act_bits") = 32,
+          py::arg("x"), py::arg("act_bits") = 32, py::arg("block") = 32,
           "(q, d float32 (M, K/32), s float32 (M, K/32)): the blocks qdot_matmul makes of x (M, K) float32: "
           "d = max|x| / Q per block of 32 (Q = 32767, or 127 for act_bits=8), q = round(x / d) half to even "
           "(int16 (M, K), int8 for 8; for 32, int16 (M, 2K): per block 32 high parts then 32 low parts, "
-          "x / d = high + low / 2^16), s = d * sum(q).");
+          "x / d = high + low / 2^16), s = d * sum(q). block=256: one d per 256 values (qdot_matmul's blocks for "
+          "the K-quants, kquant.h), d (M, K/256), s still per 32.");
     m.def("cpu_path", []() { return std::string(genfuse::cpu_path_name(genfuse::default_cpu_path())); },
           "The code path qdot_matmul uses by default: GENFUSE_CPU_PATH if set, else the best of cpu_paths().");
     m.def("cpu_paths", []() {

@@ -5,6 +5,8 @@
 #include "kquant.h"
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
@@ -22,10 +24,10 @@ namespace kq {
 
 struct KProblem {
     Act act;
-    const void* xq;   // quantize_act's blocks: int8 (Q8), int16 (Q16), int16 hi|lo pairs (Q32)
-    const float* xd;  // (M, K / 32) scales
-    const float* xs;  // (M, K / 32) dx * sum(qx)
-    int64_t M, K, nb;  // nb: K / 32 activation blocks a row
+    const void* xq;   // quantize_act_k's values: int8 (Q8), int16 (Q16), int16 hi|lo pairs (Q32)
+    const float* xd;  // (M, K / 256) scales, one a K block
+    const float* xs;  // (M, K / 32) dx * sum(qx) of each chunk of 32
+    int64_t M, K, nb;  // nb: K / 32 chunks a row
     const uint8_t* w;
     int64_t N, row_bytes;
     QType type;
@@ -91,6 +93,61 @@ void dequant_t(const uint8_t* blk, float* out) {
     }
 }
 
+// ------------------------------------------------------------------ activations
+
+inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }  // |v| < 2^22 (qdot.cpp)
+inline double round_even(double v) { return (v + 6755399441055744.0) - 6755399441055744.0; }
+
+// qdot.cpp's quantize_t with blocks of 256 (one a K block) and the sums kept per 32.
+template <int BITS>
+void quantize_k_t(const float* x, int64_t M, int64_t K, void* qv, float* d, float* s) {
+    using A = std::conditional_t<BITS == 8, int8_t, int16_t>;
+    constexpr int32_t Q = BITS == 8 ? 127 : 32767;
+    constexpr int64_t xb = BITS == 32 ? 64 : 32;
+    A* q = static_cast<A*>(qv);
+    for (int64_t r = 0; r < M * K / kKBlock; ++r) {
+        const float* xr = x + r * kKBlock;
+        float amax = 0.0f;
+        bool finite = true;
+        for (int j = 0; j < kKBlock; ++j) {
+            const float a = std::fabs(xr[j]);
+            amax = a > amax ? a : amax;
+            finite &= a <= FLT_MAX;  // false for inf and NaN
+        }
+        if (finite && amax < 0x1p-96f) amax = 0.0f;  // Q / amax would overflow
+        const float db = finite ? amax / static_cast<float>(Q) : NAN;
+        const bool live = finite && amax > 0.0f;
+        d[r] = db;
+        const double id64 = live ? 1.0 / static_cast<double>(db) : 0.0;
+        const float id32 = live ? static_cast<float>(Q) / amax : 0.0f;
+        for (int c = 0; c < 8; ++c) {
+            A* qb = q + (r * 8 + c) * xb;
+            const float* xc = xr + 32 * c;
+            if constexpr (BITS == 32) {
+                double dsum = 0.0;
+                for (int j = 0; j < 32; ++j) {
+                    const double v = live ? static_cast<double>(xc[j]) * id64 : 0.0;
+                    const double hi = std::clamp(round_even(v), -double{Q}, double{Q});
+                    const double lo = std::clamp(round_even((v - hi) * 65536.0), -32767.0, 32767.0);
+                    qb[j] = static_cast<int16_t>(hi);
+                    qb[j + 32] = static_cast<int16_t>(lo);
+                    dsum += hi + lo * 0x1p-16;
+                }
+                s[r * 8 + c] = static_cast<float>(static_cast<double>(db) * dsum);
+            } else {
+                int32_t sum = 0;
+                for (int j = 0; j < 32; ++j) {
+                    const float v = finite ? xc[j] * id32 : 0.0f;
+                    const int32_t qi = std::clamp(static_cast<int32_t>(round_even(v)), -Q, Q);
+                    qb[j] = static_cast<A>(qi);
+                    sum += qi;
+                }
+                s[r * 8 + c] = db * static_cast<float>(sum);
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------ portable matmul
 
 template <class A>
@@ -100,47 +157,47 @@ inline int64_t dot(const int8_t* q, const A* x, int n) {
     return s;
 }
 
+// Per K block the scaled integer dots are summed exactly (int64), then scaled once in float32.
 template <QType T, int BITS>
 void rows_portable_t(const KProblem& p, int64_t n0, int64_t n1) {
     using A = std::conditional_t<BITS == 8, int8_t, int16_t>;
-    constexpr int64_t xb = BITS == 32 ? 64 : 32;  // activation values a block takes
+    constexpr int64_t xb = BITS == 32 ? 64 : 32;  // activation values a chunk takes
     const int64_t bb = block_bytes(static_cast<int>(T)), nk = p.K / kKBlock;
     int8_t q[32];
     for (int64_t n = n0; n < n1; ++n) {
         for (int64_t m = 0; m < p.M; ++m) {
             const A* xrow = static_cast<const A*>(p.xq) + m * p.nb * xb;
-            const float* xd = p.xd + m * p.nb;
             const float* xs = p.xs + m * p.nb;
             float acc = 0.0f, macc = 0.0f;
             for (int64_t k = 0; k < nk; ++k) {
                 const uint8_t* blk = p.w + n * p.row_bytes + k * bb;
+                int64_t hi = 0, lo = 0;
+                float d;
                 if (T == QType::Q6_K) {
-                    const float d = half_to_float(ld16(blk + 208));
+                    d = half_to_float(ld16(blk + 208));
                     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
                     for (int c = 0; c < 8; ++c) {
-                        const int64_t b = 8 * k + c;
-                        const A* x = xrow + b * xb;
+                        const A* x = xrow + (8 * k + c) * xb;
                         chunk_ints<T>(blk, c, q);
-                        float v = static_cast<float>(sc[2 * c] * dot(q, x, 16) + sc[2 * c + 1] * dot(q + 16, x + 16, 16));
-                        if (BITS == 32)
-                            v += static_cast<float>(sc[2 * c] * dot(q, x + 32, 16) + sc[2 * c + 1] * dot(q + 16, x + 48, 16)) * 0x1p-16f;
-                        acc += d * xd[b] * v;
+                        hi += sc[2 * c] * dot(q, x, 16) + sc[2 * c + 1] * dot(q + 16, x + 16, 16);
+                        if (BITS == 32) lo += sc[2 * c] * dot(q, x + 32, 16) + sc[2 * c + 1] * dot(q + 16, x + 48, 16);
                     }
                 } else {
-                    const float d = half_to_float(ld16(blk)), dmin = half_to_float(ld16(blk + 2));
+                    d = half_to_float(ld16(blk));
+                    const float dmin = half_to_float(ld16(blk + 2));
                     uint8_t sm[16];
                     scale_min(blk + 4, sm);
-                    const uint8_t *sc = sm, *mn = sm + 8;
                     for (int c = 0; c < 8; ++c) {
-                        const int64_t b = 8 * k + c;
-                        const A* x = xrow + b * xb;
+                        const A* x = xrow + (8 * k + c) * xb;
                         chunk_ints<T>(blk, c, q);
-                        float v = static_cast<float>(dot(q, x, 32));
-                        if (BITS == 32) v += static_cast<float>(dot(q, x + 32, 32)) * 0x1p-16f;
-                        acc += d * static_cast<float>(sc[c]) * xd[b] * v;
-                        macc += dmin * static_cast<float>(mn[c]) * xs[b];
+                        hi += sm[c] * dot(q, x, 32);
+                        if (BITS == 32) lo += sm[c] * dot(q, x + 32, 32);
+                        macc += dmin * static_cast<float>(sm[8 + c]) * xs[8 * k + c];
                     }
                 }
+                float v = static_cast<float>(hi);
+                if (BITS == 32) v += static_cast<float>(lo) * 0x1p-16f;
+                acc += d * p.xd[m * nk + k] * v;
             }
             p.y[m * p.N + n] = acc - macc;
         }
@@ -177,13 +234,11 @@ void rows_portable(const KProblem& p, int64_t n0, int64_t n1) {
 #pragma GCC target("avx2,fma,f16c")
 namespace genfuse::kq::simd_avx2 {
 #define GF_WIDE 0
-#define GF_DOT8_256(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-#define GF_DOT16_256(a, b) _mm256_madd_epi16(a, b)
+#define GF_ACC16_256(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #include "kquant_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
-#undef GF_DOT16_512
+#undef GF_ACC16_256
+#undef GF_ACC16_512
 }  // namespace genfuse::kq::simd_avx2
 #pragma GCC pop_options
 
@@ -191,13 +246,11 @@ namespace genfuse::kq::simd_avx2 {
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 namespace genfuse::kq::simd_avxvnni {
 #define GF_WIDE 0
-#define GF_DOT8_256(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
-#define GF_DOT16_256(a, b) _mm256_dpwssd_avx_epi32(_mm256_setzero_si256(), a, b)
+#define GF_ACC16_256(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
 #include "kquant_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
-#undef GF_DOT16_512
+#undef GF_ACC16_256
+#undef GF_ACC16_512
 }  // namespace genfuse::kq::simd_avxvnni
 #pragma GCC pop_options
 
@@ -205,14 +258,12 @@ namespace genfuse::kq::simd_avxvnni {
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 namespace genfuse::kq::simd_avx512 {
 #define GF_WIDE 1
-#define GF_DOT8_256(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-#define GF_DOT16_256(a, b) _mm256_madd_epi16(a, b)
-#define GF_DOT16_512(a, b) _mm512_madd_epi16(a, b)
+#define GF_ACC16_256(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define GF_ACC16_512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
 #include "kquant_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
-#undef GF_DOT16_512
+#undef GF_ACC16_256
+#undef GF_ACC16_512
 }  // namespace genfuse::kq::simd_avx512
 #pragma GCC pop_options
 
@@ -220,14 +271,12 @@ namespace genfuse::kq::simd_avx512 {
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace genfuse::kq::simd_avx512vnni {
 #define GF_WIDE 1
-#define GF_DOT8_256(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-#define GF_DOT16_256(a, b) _mm256_dpwssd_epi32(_mm256_setzero_si256(), a, b)
-#define GF_DOT16_512(a, b) _mm512_dpwssd_epi32(_mm512_setzero_si512(), a, b)
+#define GF_ACC16_256(acc, a, b) _mm256_dpwssd_epi32(acc, a, b)
+#define GF_ACC16_512(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
 #include "kquant_simd.inc"
 #undef GF_WIDE
-#undef GF_DOT8_256
-#undef GF_DOT16_256
-#undef GF_DOT16_512
+#undef GF_ACC16_256
+#undef GF_ACC16_512
 }  // namespace genfuse::kq::simd_avx512vnni
 #pragma GCC pop_options
 #pragma GCC diagnostic pop
@@ -262,6 +311,14 @@ void dequantize_kblock(const uint8_t* blk, QType type, float* out) {
     }
 }
 
+void quantize_act_k(const float* x, int64_t M, int64_t K, Act act, void* q, float* d, float* s) {
+    switch (act) {
+        case Act::Q8: return kq::quantize_k_t<8>(x, M, K, q, d, s);
+        case Act::Q16: return kq::quantize_k_t<16>(x, M, K, q, d, s);
+        case Act::Q32: return kq::quantize_k_t<32>(x, M, K, q, d, s);
+    }
+}
+
 void kquant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, QType type,
                    float* y, int threads, CpuPath path, Act act) {
     if (!is_kquant(type)) throw std::invalid_argument("kquant_matmul: not a K-quant type");
@@ -269,14 +326,14 @@ void kquant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64
     if (!cpu_path_supported(path))
         throw std::invalid_argument(std::string("CPU path ") + cpu_path_name(path) + " is not supported here");
     if (M <= 0 || N <= 0) return;
-    const int64_t nb = K / kQBlock;
+    const int64_t nb = K / kQBlock, nk = K / kKBlock;
     // Per-thread scratch reused across calls, as qdot_matmul's.
     thread_local std::vector<int16_t> xq;
     thread_local std::vector<float> xds;
     xq.resize(static_cast<size_t>(act == Act::Q32 ? 2 * M * K : M * K));
-    xds.resize(static_cast<size_t>(2 * M * nb));
-    quantize_act(x, M, K, act, xq.data(), xds.data(), xds.data() + M * nb);
-    const kq::KProblem p{act, xq.data(), xds.data(), xds.data() + M * nb, M, K, nb, w, N,
+    xds.resize(static_cast<size_t>(M * (nk + nb)));
+    quantize_act_k(x, M, K, act, xq.data(), xds.data(), xds.data() + M * nk);
+    const kq::KProblem p{act, xq.data(), xds.data(), xds.data() + M * nk, M, K, nb, w, N,
                          K / kKBlock * block_bytes(static_cast<int>(type)), type, y};
     const RowsFn fn = kernel(path);
     threads = clamp_threads(threads);

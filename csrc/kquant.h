@@ -14,26 +14,28 @@
 //       w = float32(d sc[2 c + l / 16]) (q - 32)
 // Every product above is computed in float32 as gguf does (so dequantization is bitwise equal).
 //
-// The matmul is qdot.h's integer-dot scheme unchanged: x is quantized by quantize_act to blocks
-// of 32 (Act Q32 / Q16 / Q8: dx, qx, sx = dx sum(qx)); a K block is eight of those, aligned with
-// its sub-blocks (Q6_K: two 16-weight sub-blocks per activation block). Per activation block b
-// of K block k:
-//   Q4_K / Q5_K:  y += float32(d sc) dx_b * (q . qx_b)  -  float32(dmin mn) * sx_b
-//   Q6_K:         y += d dx_b * (sc_0 (q - 32) . qx[0:16] + sc_1 (q - 32) . qx[16:32])
-// with every dot exact in int32 (|q| <= 32, |qx| <= 32767: a 16-weight dot times |sc| <= 128 is
-// below 2^31; the SIMD paths only ever scale partial lane sums of 2 to 4 products). So, as for
+// The matmul is qdot.h's integer-dot scheme with llama.cpp's Q8_K grouping: x is quantized by
+// quantize_act_k, like quantize_act (Act Q32 / Q16 / Q8, the same rounding) but with one scale dx
+// per 256 values, aligned with the K blocks, and the sums sx = dx sum(qx) kept per 32. Per K block
+// k and row of x:
+//   Q4_K / Q5_K:  y += d dx_k * sum_c sc_c (q . qx)_c  -  sum_c float32(dmin mn_c) * sx_c
+//   Q6_K:         y += d dx_k * sum_c (sc_2c (q - 32) . qx[0:16] + sc_2c+1 (q - 32) . qx[16:32])_c
+// over its eight chunks c of 32. The scaled dots are integers summed exactly (|sc q| <= 4096,
+// |qx| <= 32767: see kquant_simd.inc for why no int32 lane overflows), so per K block one float32
+// conversion and scaling (two on the SIMD paths: half a block each) replaces qdot's eight. As for
 // qdot, y equals the float64 product of the dequantized weights with the dequantized activations
-// dx * qx up to float32 rounding: of each block term (its int -> float conversion, the scale
-// products; a few units of 2^-24 of it), of the weights themselves (the float32 w above is
-// rounded once from the exact affine value: half an ulp of |w|), and of the sum of the 8 K / 256
-// (plus, for Q4_K / Q5_K, 8 K / 256 min) terms, each at most 2^-24 of the running sum. Against
-// the float activations add  sum_b dx_b tau sum_{j in b} |w_j|,  tau = 1/2 (Q16, Q8) or 2^-17
-// (Q32, whose hi + lo / 2^16 is within 2^-17 of x / dx). tests/runtime/test_kquant.py checks
-// exactly this bound on every path.
+// dx * qx up to float32 rounding: of the block terms (their int -> float conversion, the scale
+// products), of the weights themselves (the float32 w above is rounded once from the exact affine
+// value: half an ulp of |w|), and of the sum of those terms and the 8 K / 256 min terms.
+// Against the float activations add  sum_k dx_k tau sum_{j in k} |w_j|,  tau = 1/2 (Q16, Q8) or
+// 2^-17 (Q32, whose hi + lo / 2^16 is within 2^-17 of x / dx): with dx per 256 rather than 32, a
+// row whose values differ widely in size within 256 loses more at 8 and 16 bits than qdot's
+// blocks would (the same trade llama.cpp makes); at 32 bits it stays far below float32 rounding.
+// tests/runtime/test_kquant.py checks exactly these bounds on every path.
 //
-// Paths: as qdot's (CpuPath, picked by the caller). The SIMD ones (kquant_simd.inc) run 256-bit
-// integer dots on every x86 path: vpmaddubsw / vpmaddwd on avx2 and avx512, vpdpbusd / vpdpwssd
-// on avx-vnni and avx512-vnni (the 256-bit EVEX form); portable C++ is the specification.
+// Paths: as qdot's (CpuPath, picked by the caller). The SIMD ones (kquant_simd.inc): avx2 and
+// avx-vnni on 256 bits (vpmaddwd / vpdpwssd, vpmaddubsw), avx512 and avx512-vnni with the 16- and
+// 32-bit dots on 512 bits; portable C++ is the specification.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +46,11 @@
 namespace genfuse {
 
 constexpr int64_t kKBlock = 256;  // weights per K-quant block
+
+// Quantizes x (M, K), K a multiple of 256, as quantize_act does but with one scale per 256
+// values: q as quantize_act's (per 32: int8 / int16 values; Q32 32 hi then 32 lo), d (M, K / 256),
+// s (M, K / 32) = d * sum(q) of each 32 values.
+void quantize_act_k(const float* x, int64_t M, int64_t K, Act act, void* q, float* d, float* s);
 
 // out[0..256) = the float32 weights of one block of K-quant `type`, bitwise as gguf computes them.
 void dequantize_kblock(const uint8_t* blk, QType type, float* out);
