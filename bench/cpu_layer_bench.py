@@ -1,7 +1,7 @@
 """The fused CPU decoder layers (runtime/models/cpu_layer.py) against forward_step's torch layer
 loop, on the real model (SmolLM2-135M GGUF, packed weights), A/B interleaved in one process.
 
-    python -m bench.cpu_layer_bench [--only decode,batch,chunk,calls] [--threads 1,2] [--reps 5]
+    python -m bench.cpu_layer_bench [--only decode,batch,chunk,steps,calls] [--threads 1,2] [--reps 5]
                                     [--decode-tokens 128] [--json out.json]
 
 ``decode``: one greedy request, ``--decode-tokens`` tokens; ms a decode step (the engine's own
@@ -11,6 +11,8 @@ of the reps and their min..max.
 time over 12 steps. The fused path runs for any B here (its MAX_TOKENS raised), so this is also
 where the default MAX_TOKENS comes from.
 ``chunk``: one prompt chunk of N tokens (fresh random ids, no prefix hit): the prefill step's time.
+``steps``: forward_step itself on B decode tokens (B = 1 .. 64) at context 128, the modes
+alternating call by call (the fused path forced at every B).
 ``calls``: the C++ call itself on a decode token at context 100: one call for all layers
 against one call per layer (the Python crossing it saves).
 
@@ -179,13 +181,56 @@ def calls(llm, args, rng):
     return res
 
 
-PARTS = {"decode": decode, "batch": batch, "chunk": chunk, "calls": calls}
+def steps(llm, args, rng):
+    """forward_step itself on B decode tokens at context 128 each (hand-made StepInputs, fresh
+    pools), fused and unfused alternating call by call: finer interleaving than whole requests."""
+    from genfuse.runtime.engine.kv_cache import StepInputs
+    from genfuse.runtime.models import cpu_layer
+
+    model = llm.engine.model
+    c = model.config
+    ctx, bs = 128, 16
+    res = {}
+    saved = cpu_layer.MAX_TOKENS
+    cpu_layer.MAX_TOKENS = 1 << 20
+    try:
+        for t in args.threads:
+            llm.set_threads(t)
+            for B in (1, 8, 16, 32, 48, 64):
+                nb = ctx // bs
+                k = torch.randn(c.num_layers, B * nb, bs, model.num_kv_heads, c.head_dim)
+                v = torch.randn_like(k)
+                i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+                table = [[b * nb + j for j in range(nb)] for b in range(B)]
+                inp = StepInputs(input_ids=i32([rng.randrange(c.vocab_size) for _ in range(B)]),
+                                 positions=i32([ctx - 1] * B), slot_mapping=i32([row[-1] * bs + bs - 1 for row in table]),
+                                 block_table=i32(table), seq_lens=i32([ctx] * B), query_start_loc=i32(list(range(B + 1))),
+                                 logits_indices=i32(list(range(B))), max_query_len=1, max_seq_len=ctx)
+                per = {m: [] for m in MODES}
+                for r in range(args.reps * 4 + 1):
+                    for mode in (("unfused", "fused") if r % 2 == 0 else ("fused", "unfused")):
+                        _set_mode(mode)
+                        t0 = time.perf_counter()
+                        model.forward_step(inp, k, v)
+                        if r:  # the first round warms up
+                            per[mode].append((time.perf_counter() - t0) * 1e3)
+                res[f"{t}t_B{B}"] = {m: _stat(x) for m, x in per.items()}
+                u, f = res[f"{t}t_B{B}"]["unfused"], res[f"{t}t_B{B}"]["fused"]
+                print(f"  forward_step, {B:2d} decode tokens at context {ctx}, {t} thread(s): unfused {u['median']:.1f} ms "
+                      f"({u['min']:.1f}..{u['max']:.1f}), fused {f['median']:.1f} ({f['min']:.1f}..{f['max']:.1f}): "
+                      f"{u['median'] / f['median']:.2f}x", flush=True)
+    finally:
+        cpu_layer.MAX_TOKENS = saved
+    return res
+
+
+PARTS = {"decode": decode, "batch": batch, "chunk": chunk, "calls": calls, "steps": steps}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--only", default="decode,batch,chunk,calls")
+    p.add_argument("--only", default="decode,steps,chunk,calls")
     p.add_argument("--threads", default="1,2", help="comma-separated kernel thread counts")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=128)
