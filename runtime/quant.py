@@ -15,7 +15,8 @@ to float32 rounding, and greedy tokens match transformers); GENFUSE_ACT_BITS=16 
 accuracy for speed (8 is llama.cpp's Q8: 1.3-1.4x faster kernels here, SmolLM2's logits move
 by ~1e-2 relative and greedy tokens diverge within a few steps; 16: ~1e-4). With b bits the
 result is within  sum_blocks dx / 2 * sum |w|  of x @ W, dx = max |x| / (2^(b-1) - 1) per block
-(dx * 2^-16 for 32 bits). Embedding rows are exactly what `gguf.quants.dequantize` gives.
+(dx * 2^-16 for 32 bits); for the K-quants the activation blocks are 256 wide (llama.cpp's Q8_K
+grouping, csrc/kquant.h). Embedding rows are exactly what `gguf.quants.dequantize` gives.
 
 The model files call `linear` and `embedding` from here: they pass a `PackedWeight` to the C++
 kernel and anything else on to `genfuse.kernels.linear` / plain indexing, so one model
