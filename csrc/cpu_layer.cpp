@@ -45,6 +45,7 @@ inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 inline vf vmax(vf a, vf b) { return std::isnan(b) ? b : std::max(a, b); }
 inline vf vmin(vf a, vf b) { return std::isnan(b) ? b : std::min(a, b); }
 inline float vhsum(vf a) { return a; }
+inline void vhsum4(vf a, vf b, vf c, vf d, float* r) { r[0] = a, r[1] = b, r[2] = c, r[3] = d; }
 inline float vhmax(vf a) { return a; }
 #define GF_SCALAR_EXP 1
 #include "cpu_layer_simd.inc"
@@ -82,6 +83,11 @@ inline float vhsum(vf a) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+// r[i] = the sum of the i-th argument's lanes
+inline void vhsum4(vf a, vf b, vf c, vf d, float* r) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
 }
 inline float vhmax(vf a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -125,6 +131,11 @@ inline float vhsum(vf a) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+inline void vhsum4(vf a, vf b, vf c, vf d, float* r) {  // fold to 256 bits, then AVX2's
+    auto fold = [](vf x) { return _mm256_add_ps(_mm512_castps512_ps256(x), hi256(x)); };
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(d)));
+    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
 }
 inline float vhmax(vf a) {
     const __m256 s8 = _mm256_max_ps(_mm512_castps512_ps256(a), hi256(a));

@@ -3,7 +3,7 @@
 32 and 64, block sizes 16 and 32, q/k/v bias on and off, a QKV weight of mixed types, dense
 weights), two engine steps each (prefills of 1, 5 and 21 tokens, then a mixed step: a 7-token
 chunk on a cached prefix, two decodes and a padded row of slot -1), on every code path this CPU
-runs; the real SmolLM2 through the engine (greedy tokens); and bad input (one-line errors)."""
+runs (head_dim 40 too: the vector loops' tails); the real SmolLM2 through the engine (greedy tokens); and bad input (one-line errors)."""
 from __future__ import annotations
 
 import contextlib
@@ -164,6 +164,7 @@ CASES = {  # heads, kv heads, head_dim, bias, block size, v_proj type
     "mha-d64-bs32": (2, 2, 64, False, 32, T.Q4_1),
     "gqa-d64-bs16-mixed-qkv": (4, 1, 64, True, 16, T.Q8_0),
     "gqa-d32-bs32": (6, 2, 32, False, 32, T.Q4_0),
+    "gqa-d40-bs16-bias": (4, 2, 40, True, 16, T.Q4_1),  # vector tails: 40 = 2 x 16 + 8, rotary half 20
 }
 
 
