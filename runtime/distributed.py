@@ -115,15 +115,17 @@ def shard_rows(w, rows: slice):
 
 def shard_cols(w, cols: slice):
     """Columns ``cols`` of a weight (out, in): the input split of a row-parallel layer. Packed
-    rows hold whole blocks of 32 values, so the split must fall on block boundaries."""
-    from .quant import BLOCK, BLOCK_BYTES, PackedWeight
+    rows hold whole blocks of 32 values (256 for the K-quants), so the split must fall on block
+    boundaries."""
+    from .quant import BLOCK_BYTES, BLOCK_WEIGHTS, PackedWeight
 
     if isinstance(w, PackedWeight):
-        if cols.start % BLOCK or cols.stop % BLOCK:
-            raise ValueError(f"a {w.qtype} weight splits along its input only at multiples of {BLOCK} "
+        block = BLOCK_WEIGHTS[w.qtype]
+        if cols.start % block or cols.stop % block:
+            raise ValueError(f"a {w.qtype} weight splits along its input only at multiples of {block} "
                              f"(asked for columns {cols.start}:{cols.stop})")
         per = BLOCK_BYTES[w.qtype]
-        data = w.data[:, cols.start // BLOCK * per:cols.stop // BLOCK * per]
+        data = w.data[:, cols.start // block * per:cols.stop // block * per]
         return PackedWeight(data.contiguous(), w.qtype, cols.stop - cols.start)
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"cannot split a {type(w).__name__} by columns")

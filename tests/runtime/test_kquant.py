@@ -238,3 +238,16 @@ def test_packed_weight_k_quants():
         assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
         with pytest.raises(ValueError, match="blocks of 256: K=288"):
             PackedWeight(torch.zeros((6, 144), dtype=torch.uint8), q.name, 288)
+
+
+def test_tensor_parallel_column_split_of_k_quants():
+    """A row-parallel layer's input split (runtime.distributed.shard_cols) cuts K-quant rows at
+    whole 256-weight blocks: the pieces dequantize to the dense columns; other cuts are refused."""
+    from genfuse.runtime.distributed import shard_cols
+
+    blocks, W = packed(4, 768, T.Q6_K, seed=12)
+    pw = PackedWeight(torch.from_numpy(blocks.copy()), "Q6_K", 768)
+    for cols in (slice(0, 256), slice(256, 768)):
+        assert torch.equal(shard_cols(pw, cols).dequantize(), torch.from_numpy(W[:, cols]))
+    with pytest.raises(ValueError, match="only at multiples of 256"):
+        shard_cols(pw, slice(0, 384))
