@@ -14,7 +14,8 @@ matmul (torch.set_num_threads(threads)), to find the crossover M.
     python bench/qdot_bench.py --base /tmp/gf_base/genfuse/_C.cpython-311-x86_64-linux-gnu.so
     python bench/qdot_bench.py --shapes 3072x576:Q4_1 --M 1,8,16,32,64 --torch
 
-Threads are pinned (sched_setaffinity to the first `threads` CPUs) so the pool does not migrate.
+--cpu-time times the calling thread's CPU time instead of wall time (threads=1 only), for a
+machine other work is loading. Threads are pinned (sched_setaffinity to the first `threads` CPUs) so the pool does not migrate.
 """
 from __future__ import annotations
 
@@ -55,14 +56,17 @@ def blocks(N, K, qname, seed):
     return w.reshape(N, nb * bb)
 
 
+CLOCK = time.perf_counter
+
+
 def time_batches(fn, calls, reps):
     """Seconds per call of `calls` calls, one sample per rep."""
     out = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for _ in range(calls):
             fn()
-        out.append((time.perf_counter() - t0) / calls)
+        out.append((CLOCK() - t0) / calls)
     return np.array(out)
 
 
@@ -82,14 +86,23 @@ def main():
     ap.add_argument("--base", default=None, help="another build's _C .so to interleave with")
     ap.add_argument("--torch", action="store_true", help="also dequantize + torch fp32 matmul")
     ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with the calling thread's CPU time (threads=1 only): on a shared, loaded "
+                         "machine this leaves out the time the OS gave other processes")
     args = ap.parse_args()
+    if args.cpu_time:
+        if args.threads != "1":
+            ap.error("--cpu-time measures one thread; use --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
 
     exts = [("new", _C)] + ([("base", load_ext(args.base))] if args.base else [])
     paths = {"best": [_C.cpu_path()], "all": list(_C.cpu_paths())}.get(args.paths, args.paths.split(","))
     Ms = [int(v) for v in args.M.split(",")]
     bits_list = [int(v) for v in args.bits.split(",")]
     threads_list = [int(v) for v in args.threads.split(",")]
-    print(f"cpu: {_platform()}; paths {paths}; reps {args.reps}; GB/s of weight blocks, median [p10..p90]")
+    print(f"cpu: {_platform()}; paths {paths}; reps {args.reps}; {'CPU' if args.cpu_time else 'wall'} time; "
+          f"load {os.getloadavg()[0]:.1f}; GB/s of weight blocks, median [p10..p90]")
     for spec in args.shapes.split(","):
         shape, qname = spec.split(":")
         N, K = (int(v) for v in shape.split("x"))

@@ -5,6 +5,13 @@
 // differ only in the order of the float32 sums. Why integers: decoding a block to float costs
 // ~20 instructions per 32 weights on AVX2 and the FMAs that follow another 4; one vpdpbusd
 // multiplies 64 byte pairs (two blocks) and adds them in fours into int32, exactly.
+//
+// Summation orders. Portable: per output, blocks in order, sum_b dw dx dot (+ separately
+// sum_b mw xs for Q4_1, added last). SIMD (qdot_simd.inc): each block's dot is four int32 lanes,
+// each scaled and summed over the row's groups of 4 (512-bit) or 2 (256-bit) blocks in its own
+// float32 lane, Q4_1's mw xs in the block's first lane; then one fixed tree over the 16 or 8 lanes.
+// An output's float operations depend only on its weight row and activation row, never on M, N,
+// the tile it falls in or the thread count: any batch gives the same bits for the same row.
 #include "qdot.h"
 
 #include <algorithm>

@@ -53,7 +53,8 @@ CpuPath default_cpu_path();
 void quantize_act(const float* x, int64_t M, int64_t K, Act act, void* q, float* d, float* s);
 
 // y (M, N) = quantize_act(x) (M, K) @ W (N, K)^T on `path` (std::invalid_argument if this CPU
-// lacks it), `threads` threads, split over the rows of W (any thread count: the same bits).
+// lacks it), `threads` threads, split over the rows of W. y[m, n] is the same bits for any
+// thread count and any M, N it is computed in (batch-invariant; qdot.cpp gives the orders).
 void qdot_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, QType type,
                  float* y, int threads, CpuPath path, Act act = Act::Q32);
 
