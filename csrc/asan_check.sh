@@ -35,7 +35,7 @@ san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-poin
 
 # 2b. The integer-dot kernel alone, every path the CPU has, as a sanitized executable (leaks on).
 g++ -std=c++17 $san -ffp-contract=off -I"$src/csrc" "$src/csrc/tests/qdot_sanitize.cpp" "$src/csrc/qdot.cpp" \
-    "$src/csrc/quant_matmul.cpp" "$src/csrc/threads.cpp" -o "$work/qdot_sanitize" -lpthread >"$work/qdot_build.log" 2>&1 \
+    "$src/csrc/quant_matmul.cpp" "$src/csrc/kquant.cpp" "$src/csrc/threads.cpp" -o "$work/qdot_sanitize" -lpthread >"$work/qdot_build.log" 2>&1 \
     || { cat "$work/qdot_build.log"; exit 1; }
 ASAN_OPTIONS="abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" "$work/qdot_sanitize"
 
@@ -58,5 +58,5 @@ echo "$so"
 grep -q __asan_report <<<"$(nm -D "$(head -1 <<<"$so")")" || { echo "asan_check: the extension is not instrumented" >&2; exit 1; }
 # The quantized matmuls' kernel tests too, every CPU path of the integer-dot one (not the two that
 # load the SmolLM2 model: slow here).
-"$py" -m pytest tests/runtime/test_block_manager.py tests/runtime/test_quant.py tests/runtime/test_quant_qdot.py tests/runtime/test_bindings_hardening.py \
+"$py" -m pytest tests/runtime/test_block_manager.py tests/runtime/test_quant.py tests/runtime/test_quant_qdot.py tests/runtime/test_kquant.py tests/runtime/test_bindings_hardening.py \
     -k "not smollm and not keep_quantized" -q -p no:cacheprovider "$@"
