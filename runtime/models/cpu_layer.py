@@ -13,8 +13,9 @@ the model is on the CPU in float32 with the torch kernels (no Triton interpreter
 parallel, its rotary tables built, every layer matrix packed (`PackedWeight`, or `PackedRows`
 for mixed-type rows), and the step has 1 to `MAX_TOKENS` tokens: above that, a prompt chunk's
 matmuls go to torch's GEMM over dequantized weights (`runtime.quant.MAX_PACKED_ROWS`), which
-wins there. Dense float32 weights are supported by the C++ class but not taken by default
-(``GENFUSE_FUSED_LAYERS=all`` does: measured slower than torch's GEMV, bench/README.md).
+wins there. Dense float32 weights are supported by the C++ class (a plain dot-product matmul,
+no GEMM blocking) but taken only with ``GENFUSE_FUSED_LAYERS=all``: measured ahead of torch's
+up to 16 tokens and behind it at 32 on a loaded machine, not yet on an idle one.
 
 Turning it off for A/B: ``GENFUSE_FUSED_LAYERS=0`` in the environment (read every step), or
 ``model.fused_layers = False`` on one model. The kernels' code path follows the packed matmul's
@@ -34,8 +35,8 @@ from ..threads import kernel_threads
 ENV = "GENFUSE_FUSED_LAYERS"  # "0": off; "all": dense float32 weights too; else packed weights only
 # Steps of more tokens take the torch path. It is where `linear` leaves the packed kernel for a
 # dequantized weight and torch's GEMM (the fused call has only the packed kernel): below it the
-# fused step does the same matmuls with less around them, above it the GEMM wins (SmolLM2, 1
-# thread: 64 sequences decoding 1.09 s unfused vs 1.49 s fused; bench/cpu_layer_bench.py batch).
+# fused step does the same matmuls with less around them; above it, at 1 thread, the GEMM wins
+# (bench/cpu_layer_bench.py steps, bench/results/2026-12-02-cpu-layer).
 MAX_TOKENS = MAX_PACKED_ROWS
 
 
