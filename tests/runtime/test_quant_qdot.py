@@ -6,8 +6,10 @@ quantization and its error bound, GENFUSE_CPU_PATH, threads and bad input.
 The two bounds, for y = qdot(x, W):
 - against the oracle  o = dequantize(W) @ (dx * qx)  in float64 (qx, dx from
   quantize_activations): the
-  block dots are exact integers, so the only error is float32 rounding of the per-block scale
-  products and of the sum over the nb = K / 32 blocks (eight lanes, then a horizontal sum):
+  block dots are exact integers, so the only error is float32 rounding of the int32 lanes'
+  conversion (int16 widths: at most 2^-24 of the lane's sum |w x|), of the per-block scale
+  products and of the sum over the nb = K / 32 blocks (per float32 lane over the row's groups
+  of blocks, then a fixed tree over the lanes; csrc/qdot.cpp):
   |y - o| <= (nb + 16) * 2^-23 * S  with S = sum_k |xq_k| (|d u_k| + |m|) (the Q4_1 offset form
   d u + m is what is summed, so its magnitude is what rounding scales with).
 - against the float activations: each qx is within half a step of x / dx, so
