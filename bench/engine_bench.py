@@ -56,7 +56,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--prefix-requests", type=int, default=32)
     p.add_argument("--prefix-tokens", type=int, default=400)
     p.add_argument("--overhead-seqs", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads: genfuse's kernels (torch's intra-op threads 1 with packed GGUF weights, "
+                        "as LLM(threads=) sets them) (default: the physical cores)")
     p.add_argument("--modes", default="engine,one_at_a_time,static_batch",
                    help="throughput part: which runs (default all three; the ratios need engine and the other)")
     p.add_argument("--seed", type=int, default=0)
@@ -200,13 +202,18 @@ def main(argv=None, args=None) -> int:
         print(f"genfuse bench engine: unknown part(s) {', '.join(bad)} (parts: {', '.join(PARTS)})", file=sys.stderr)
         return 2
     _modes(args)  # before the model loads
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from genfuse.runtime.loader import load_model
+    from genfuse.runtime.threads import kernel_threads, set_threads
 
     loaded = load_model(args.model, device=args.device)
+    if loaded.device.type == "cpu":
+        # as LLM(threads=) does: with packed weights genfuse's kernels get the threads and torch's
+        # intra-op pool one (two pools of N threads on N cores take the cores from each other)
+        n = args.threads or kernel_threads()
+        set_threads(n, torch_threads=1 if loaded.keep_quantized else n)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "device": str(loaded.device),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(loaded.dtype),
+               "kernel_threads": kernel_threads(),
                "keep_quantized": loaded.keep_quantized}
     if loaded.device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(loaded.device)

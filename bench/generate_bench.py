@@ -315,11 +315,12 @@ def compare_model(args) -> dict[str, Any]:
 def _time_prefill(args, impls: dict[str, Any], llama, vocab: int, threads: int) -> dict[str, Any]:
     """Time to first token of a ``--prefill-tokens`` prompt for each implementation, interleaved:
     one new token, so the time is the prompt's prefill. Every run gets its own prompt (seeded
-    random ids, a different seed a run) so that no prefix cache (genfuse's, llama.cpp's) hits."""
+    random ids, a different seed a run and thread count) so that no prefix cache (genfuse's,
+    llama.cpp's) hits."""
     L = args.prefill_tokens
     times: dict[str, list[float]] = {k: [] for k in impls}
     for rep in range(args.repeats + 1):  # round 0 is the warm-up
-        prompt = torch.randint(0, vocab, (L,), generator=torch.Generator().manual_seed(1000 + rep)).tolist()
+        prompt = torch.randint(0, vocab, (L,), generator=torch.Generator().manual_seed(1000 * threads + rep)).tolist()
         for name, fn in impls.items():
             if name == "llama.cpp":
                 dt, _ = llama.run(prompt, 1, threads)
