@@ -196,8 +196,7 @@ class CpuDecoder {
             const int type = static_cast<int>(genfuse::pyargs::as_int64(t[1], (name + " type").c_str()));
             const int64_t bb = genfuse::block_bytes(type);
             if (bb == 0) throw py::value_error(name + ": unknown quant type " + std::to_string(type));
-            // the K-quants' blocks hold 256 weights (kquant.h), the others 32
-            const int64_t per_block = type == 12 || type == 13 || type == 14 ? 256 : genfuse::kQBlock;
+            const int64_t per_block = genfuse::block_weights(type);  // 256 for the K-quants, else 32
             if (K % per_block)
                 throw py::value_error(name + ": type " + std::to_string(type) + " needs K a multiple of " +
                                       std::to_string(per_block) + ", got " + std::to_string(K));

@@ -94,6 +94,7 @@ void rows_portable_a(const QProblem& p, int64_t n0, int64_t n1) {
         case QType::Q4_0: return rows_portable_t<QType::Q4_0, BITS>(p, n0, n1);
         case QType::Q4_1: return rows_portable_t<QType::Q4_1, BITS>(p, n0, n1);
         case QType::Q8_0: return rows_portable_t<QType::Q8_0, BITS>(p, n0, n1);
+        default: return;  // K-quants never reach here (qdot_matmul hands them to kquant)
     }
 }
 
