@@ -48,6 +48,16 @@ def _stat(xs):
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def _ab(per: dict, label: str, unit: str = " ms", digits: int = 1) -> dict:
+    """The fused / unfused stats of one case, printed as one line with the speedup."""
+    res = {m: _stat(v) for m, v in per.items()}
+    u, f = res["unfused"], res["fused"]
+    d = digits
+    print(f"  {label}: unfused {u['median']:.{d}f}{unit} ({u['min']:.{d}f}..{u['max']:.{d}f}), "
+          f"fused {f['median']:.{d}f} ({f['min']:.{d}f}..{f['max']:.{d}f}): {u['median'] / f['median']:.2f}x", flush=True)
+    return res
+
+
 def _run_steps(engine, keep):
     """Steps the engine to the end; the (num_tokens, num_seqs, seconds) of each step `keep` accepts."""
     out = []
@@ -73,10 +83,7 @@ def decode(llm, args, rng):
                 llm.engine.add_request(f"d{rng.random()}", "The capital of France is", params)
                 steps = _run_steps(llm.engine, lambda st: st.num_tokens == 1)
                 per[mode].append(statistics.median(steps) * 1e3)
-        res[t] = {m: _stat(v) for m, v in per.items()}
-        u, f = res[t]["unfused"], res[t]["fused"]
-        print(f"  decode, {t} thread(s): unfused {u['median']:.2f} ms/token ({u['min']:.2f}..{u['max']:.2f}), "
-              f"fused {f['median']:.2f} ({f['min']:.2f}..{f['max']:.2f}): {u['median'] / f['median']:.2f}x", flush=True)
+        res[t] = _ab(per, f"decode, {t} thread(s)", " ms/token", 2)
     return res
 
 
@@ -101,11 +108,7 @@ def batch(llm, args, rng):
                             llm.engine.add_request(f"b{rng.random()}", [rng.randrange(V) for _ in range(32)], params)
                         steps = _run_steps(llm.engine, lambda st, B=B: st.num_tokens == B and st.num_seqs == B)
                         per[mode].append(statistics.median(steps[1:]) * 1e3)
-                res[f"{t}t_B{B}"] = {m: _stat(v) for m, v in per.items()}
-                u, f = res[f"{t}t_B{B}"]["unfused"], res[f"{t}t_B{B}"]["fused"]
-                print(f"  {B:3d} sequences decoding, {t} thread(s): step unfused {u['median']:.1f} ms "
-                      f"({u['min']:.1f}..{u['max']:.1f}), fused {f['median']:.1f} ({f['min']:.1f}..{f['max']:.1f}): "
-                      f"{u['median'] / f['median']:.2f}x", flush=True)
+                res[f"{t}t_B{B}"] = _ab(per, f"{B:3d} sequences decoding, {t} thread(s), step")
     finally:
         cpu_layer.MAX_TOKENS = saved
     return res
@@ -131,11 +134,7 @@ def chunk(llm, args, rng):
                                                SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
                         steps = _run_steps(llm.engine, lambda st, n=n: st.num_tokens == n)
                         per[mode].append(steps[0] * 1e3)
-                res[f"{t}t_N{n}"] = {m: _stat(v) for m, v in per.items()}
-                u, f = res[f"{t}t_N{n}"]["unfused"], res[f"{t}t_N{n}"]["fused"]
-                print(f"  prefill chunk of {n:3d} tokens, {t} thread(s): unfused {u['median']:.1f} ms "
-                      f"({u['min']:.1f}..{u['max']:.1f}), fused {f['median']:.1f} ({f['min']:.1f}..{f['max']:.1f}): "
-                      f"{u['median'] / f['median']:.2f}x", flush=True)
+                res[f"{t}t_N{n}"] = _ab(per, f"prefill chunk of {n:3d} tokens, {t} thread(s)")
     finally:
         cpu_layer.MAX_TOKENS = saved
     return res
@@ -214,11 +213,7 @@ def steps(llm, args, rng):
                         model.forward_step(inp, k, v)
                         if r:  # the first round warms up
                             per[mode].append((time.perf_counter() - t0) * 1e3)
-                res[f"{t}t_B{B}"] = {m: _stat(x) for m, x in per.items()}
-                u, f = res[f"{t}t_B{B}"]["unfused"], res[f"{t}t_B{B}"]["fused"]
-                print(f"  forward_step, {B:2d} decode tokens at context {ctx}, {t} thread(s): unfused {u['median']:.1f} ms "
-                      f"({u['min']:.1f}..{u['max']:.1f}), fused {f['median']:.1f} ({f['min']:.1f}..{f['max']:.1f}): "
-                      f"{u['median'] / f['median']:.2f}x", flush=True)
+                res[f"{t}t_B{B}"] = _ab(per, f"forward_step, {B:2d} decode tokens at context {ctx}, {t} thread(s)")
     finally:
         cpu_layer.MAX_TOKENS = saved
     return res

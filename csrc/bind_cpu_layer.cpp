@@ -18,17 +18,8 @@ namespace py = pybind11;
 
 namespace {
 
-std::string shape_of(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-std::string dims(const std::vector<int64_t>& d) {
-    std::string s = "(";
-    for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-    return s + (d.size() == 1 ? ",)" : ")");
-}
+using genfuse::pyargs::dims;
+using genfuse::pyargs::shape_of;
 
 // A numpy array of `kind`/`itemsize` ('f' 4, 'i' 4, 'u' 1), C-contiguous, with `shape` (-1: any
 // extent), writable if asked; ValueError/TypeError naming the argument otherwise.

@@ -26,11 +26,7 @@ namespace py = pybind11;
 
 namespace {
 
-std::string shape_of(const py::array& a) {
-    std::string s = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + (a.ndim() == 1 ? ",)" : ")");
-}
+using genfuse::pyargs::shape_of;
 
 // An argument that must be a numpy array (TypeError otherwise; no conversion).
 py::array ndarray(const py::handle& h, const char* name) {

@@ -187,4 +187,15 @@ inline Ids as_int64s(const py::handle& h, const char* name) {
     return out;
 }
 
+// "(2, 3)", "(5,)": a shape as Python prints it, for error messages.
+inline std::string dims(const std::vector<int64_t>& d) {
+    std::string s = "(";
+    for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+    return s + (d.size() == 1 ? ",)" : ")");
+}
+
+inline std::string shape_of(const py::array& a) {
+    return dims(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
+}
+
 }  // namespace genfuse::pyargs

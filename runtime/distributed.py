@@ -271,6 +271,15 @@ def _rank_entry(rank, world, port, fn, args, queue, timeout_s):
         queue.put((rank, "error", traceback.format_exc()))
 
 
+def reap(procs, timeout: float = 10.0) -> None:
+    """Join every process, killing one that has not exited within ``timeout`` seconds."""
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=timeout)
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 240.0, collective_timeout_s: float = 60.0) -> list:
     """``fn(rank, world, *args)`` on ``world`` fresh gloo ranks on 127.0.0.1 (spawned processes,
     one torch thread each; ``fn`` and the results must pickle); their results by rank. A rank
@@ -301,11 +310,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 240.0, collective_timeout_
                 errors.append(f"rank {rank}:\n{value}")
                 break
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
+        reap(procs)
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world)]

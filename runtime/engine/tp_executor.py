@@ -31,7 +31,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..distributed import check_tensor_parallel, choose_backend, free_port, launch_env
+from ..distributed import check_tensor_parallel, choose_backend, free_port, launch_env, reap
 from .kv_cache import StepInputs
 
 _log = logging.getLogger("genfuse.tp")
@@ -340,11 +340,7 @@ class TPExecutor:
             except Exception:  # noqa: BLE001 - a dead worker: kill the rest below
                 pass
         try:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=5)
+            reap(procs)
         except KeyboardInterrupt:  # Ctrl-C while they stop: do not wait for them
             for p in procs:
                 p.kill()

@@ -33,24 +33,22 @@ def tiny_gpt2():
 def tiny_llama_gqa():
     """Llama, 3 layers, hidden 64, 4 query heads over 2 KV heads (head_dim 16), untied lm_head,
     plain rotary (no scaling: transformers' GGUF loader would not read llama.cpp's rope_freqs)."""
-    import transformers
-    cfg = transformers.LlamaConfig(
-        vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2)
-    return _randomized(transformers.LlamaForCausalLM(cfg))
+    return _tiny_llama(hidden_size=64, intermediate_size=96, num_hidden_layers=3)
 
 
 def tiny_llama_256():
     """Llama, 2 layers, hidden 256 (one K-quant block a row), 4 query heads over 2 KV heads
     (head_dim 64), intermediate 512, untied lm_head: every matrix can be a K-quant."""
+    return _tiny_llama(hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+
+
+def _tiny_llama(**dims):
+    """A random untied Llama with 4 query heads over 2 KV heads and the given sizes."""
     import transformers
     cfg = transformers.LlamaConfig(
-        vocab_size=288, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        vocab_size=288, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
         max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2)
+        bos_token_id=1, eos_token_id=2, **dims)
     return _randomized(transformers.LlamaForCausalLM(cfg))
 
 
