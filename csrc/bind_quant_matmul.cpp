@@ -17,6 +17,7 @@
 
 #include <unistd.h>
 
+#include "gemm.h"
 #include "kquant.h"
 #include "pyargs.h"
 #include "qdot.h"
@@ -91,26 +92,54 @@ genfuse::Act activation(int bits) {
     return static_cast<genfuse::Act>(bits);
 }
 
+// A matmul's checked arguments: x (M, K) float32, w (N, ...) packed in `type` (or, with
+// dense_ok and type 0, GGML's F32: float32 (N, K)), y (M, N) float32 writable, sharing no memory
+// with x or w.
+struct MatmulArgs {
+    py::array x, w, y;
+    int64_t M, K, N;
+};
+
+MatmulArgs matmul_args(const py::handle& x_, const py::handle& w_, int type, const py::handle& y_, bool dense_ok) {
+    MatmulArgs a{ndarray(x_, "x"), ndarray(w_, "w"), ndarray(y_, "y"), 0, 0, 0};
+    check_2d(a.x, "x", 'f', 4, false);
+    a.M = a.x.shape(0), a.K = a.x.shape(1);
+    if (dense_ok && type == 0) {
+        check_2d(a.w, "w", 'f', 4, false);
+        if (a.w.shape(1) != a.K)
+            throw py::value_error("w must have K=" + std::to_string(a.K) + " columns, got shape " + shape_of(a.w));
+        if (a.K <= 0) throw py::value_error("K must be positive, got " + std::to_string(a.K));
+        a.N = a.w.shape(0);
+    } else {
+        a.N = check_weight(a.w, type, a.K);
+    }
+    check_2d(a.y, "y", 'f', 4, true);
+    if (a.y.shape(0) != a.M || a.y.shape(1) != a.N)
+        throw py::value_error("y must be (" + std::to_string(a.M) + ", " + std::to_string(a.N) + "), got " + shape_of(a.y));
+    if (overlap(a.y, a.x) || overlap(a.y, a.w)) throw py::value_error("y must not share memory with x or w");
+    return a;
+}
+
+// The code path called `path_` (None: the default), ValueError if this CPU lacks it.
+genfuse::CpuPath cpu_path_arg(const py::object& path_) {
+    const genfuse::CpuPath path =
+        path_.is_none() ? genfuse::default_cpu_path() : genfuse::parse_cpu_path(py::cast<std::string>(path_));
+    if (!genfuse::cpu_path_supported(path))
+        throw py::value_error(std::string("CPU path ") + genfuse::cpu_path_name(path) + " is not supported by this CPU");
+    return path;
+}
+
 }  // namespace
 
 void register_quant_matmul(py::module_& m) {
     m.def("quant_matmul",
           [](const py::handle& x_, const py::handle& w_, int type, const py::handle& y_, int threads, bool portable) {
-              const py::array x = ndarray(x_, "x"), w = ndarray(w_, "w");
-              py::array y = ndarray(y_, "y");
-              check_2d(x, "x", 'f', 4, false);
-              const int64_t M = x.shape(0), K = x.shape(1);
-              const int64_t N = check_weight(w, type, K);
-              check_2d(y, "y", 'f', 4, true);
-              if (y.shape(0) != M || y.shape(1) != N)
-                  throw py::value_error("y must be (" + std::to_string(M) + ", " + std::to_string(N) + "), got " +
-                                        shape_of(y));
-              if (overlap(y, x) || overlap(y, w)) throw py::value_error("y must not share memory with x or w");
-              const auto* xp = static_cast<const float*>(x.data());
-              const auto* wp = static_cast<const uint8_t*>(w.data());
-              auto* yp = static_cast<float*>(y.mutable_data());
+              MatmulArgs a = matmul_args(x_, w_, type, y_, false);
+              const auto* xp = static_cast<const float*>(a.x.data());
+              const auto* wp = static_cast<const uint8_t*>(a.w.data());
+              auto* yp = static_cast<float*>(a.y.mutable_data());
               without_gil([&] {
-                  genfuse::quant_matmul(xp, M, K, wp, N, static_cast<genfuse::QType>(type), yp, threads, portable);
+                  genfuse::quant_matmul(xp, a.M, a.K, wp, a.N, static_cast<genfuse::QType>(type), yp, threads, portable);
               });
           },
           py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("portable") = false,
@@ -166,27 +195,14 @@ void register_quant_matmul(py::module_& m) {
           [](const py::handle& x_, const py::handle& w_, int type, const py::handle& y_, int threads, const py::object& path_,
              int act_bits) {
               // The path first: it is the only argument that runs Python code (str conversion).
-              const genfuse::CpuPath path =
-                  path_.is_none() ? genfuse::default_cpu_path() : genfuse::parse_cpu_path(py::cast<std::string>(path_));
+              const genfuse::CpuPath path = cpu_path_arg(path_);
               const genfuse::Act act = activation(act_bits);
-              const py::array x = ndarray(x_, "x"), w = ndarray(w_, "w");
-              py::array y = ndarray(y_, "y");
-              check_2d(x, "x", 'f', 4, false);
-              const int64_t M = x.shape(0), K = x.shape(1);
-              const int64_t N = check_weight(w, type, K);
-              check_2d(y, "y", 'f', 4, true);
-              if (y.shape(0) != M || y.shape(1) != N)
-                  throw py::value_error("y must be (" + std::to_string(M) + ", " + std::to_string(N) + "), got " +
-                                        shape_of(y));
-              if (overlap(y, x) || overlap(y, w)) throw py::value_error("y must not share memory with x or w");
-              if (!genfuse::cpu_path_supported(path))
-                  throw py::value_error(std::string("CPU path ") + genfuse::cpu_path_name(path) +
-                                        " is not supported by this CPU");
-              const auto* xp = static_cast<const float*>(x.data());
-              const auto* wp = static_cast<const uint8_t*>(w.data());
-              auto* yp = static_cast<float*>(y.mutable_data());
+              MatmulArgs a = matmul_args(x_, w_, type, y_, false);
+              const auto* xp = static_cast<const float*>(a.x.data());
+              const auto* wp = static_cast<const uint8_t*>(a.w.data());
+              auto* yp = static_cast<float*>(a.y.mutable_data());
               without_gil([&] {
-                  genfuse::qdot_matmul(xp, M, K, wp, N, static_cast<genfuse::QType>(type), yp, threads, path, act);
+                  genfuse::qdot_matmul(xp, a.M, a.K, wp, a.N, static_cast<genfuse::QType>(type), yp, threads, path, act);
               });
           },
           py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("path") = py::none(),
@@ -195,6 +211,21 @@ void register_quant_matmul(py::module_& m) {
           "w (N, K/block * block bytes) uint8 in GGML format `type` (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, "
           "14 Q6_K; blocks of 32, 256 for the K-quants), x and y float32 "
           "C-contiguous numpy arrays. path: a name from cpu_paths() (None: cpu_path()); act_bits 32, 16 or 8.");
+    m.def("gemm_matmul",
+          [](const py::handle& x_, const py::handle& w_, int type, const py::handle& y_, int threads, const py::object& path_) {
+              const genfuse::CpuPath path = cpu_path_arg(path_);  // first: it runs Python code
+              MatmulArgs a = matmul_args(x_, w_, type, y_, true);
+              genfuse::GemmWeight gw;
+              if (type == 0) gw.dense = static_cast<const float*>(a.w.data());
+              else gw.blocks = static_cast<const uint8_t*>(a.w.data()), gw.type = static_cast<genfuse::QType>(type);
+              const auto* xp = static_cast<const float*>(a.x.data());
+              auto* yp = static_cast<float*>(a.y.mutable_data());
+              without_gil([&] { genfuse::gemm_matmul(xp, a.M, a.K, gw, a.N, yp, a.N, threads, path); });
+          },
+          py::arg("x"), py::arg("w"), py::arg("type"), py::arg("y"), py::arg("threads") = 1, py::arg("path") = py::none(),
+          "y (M, N) = x (M, K) @ dequantize(w).T in float32 (activations not quantized; gemm.h): the matmul for "
+          "many rows of x. w as for qdot_matmul, or type 0 (F32) and w float32 (N, K). path: a name from "
+          "cpu_paths() (None: cpu_path()), which sets the vector width.");
     m.def("quantize_activations",
           [](const py::handle& x_, int act_bits, int block) {
               const genfuse::Act act = activation(act_bits);

@@ -278,14 +278,18 @@ void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const i
     const int64_t per = std::max<int64_t>(1, chunk_size(count, K, threads, 1));
     const int chunks = static_cast<int>((count + per - 1) / per);
     parallel_for(chunks, std::min(threads, chunks) - 1, [&](int c) {
-        for (int64_t i = c * per; i < std::min(count, (c + 1) * per); ++i) {
-            const uint8_t* row = w + (rows ? rows[i] : i) * nb * bb;
-            if (is_kquant(type))
-                for (int64_t b = 0; b < nb; ++b) dequantize_kblock(row + b * bb, type, out + i * K + b * bw);
-            else
-                for (int64_t b = 0; b < nb; ++b) decode_block(row + b * bb, type, out + i * K + b * bw);
-        }
+        for (int64_t i = c * per; i < std::min(count, (c + 1) * per); ++i)
+            dequantize_row(w + (rows ? rows[i] : i) * nb * bb, K, type, out + i * K);
     });
+}
+
+void dequantize_row(const uint8_t* row, int64_t K, QType type, float* out) {
+    const int64_t bw = block_weights(static_cast<int>(type));
+    const int64_t nb = K / bw, bb = block_bytes(static_cast<int>(type));
+    if (is_kquant(type))
+        for (int64_t b = 0; b < nb; ++b) dequantize_kblock(row + b * bb, type, out + b * bw);
+    else
+        for (int64_t b = 0; b < nb; ++b) decode_block(row + b * bb, type, out + b * bw);
 }
 
 }  // namespace genfuse

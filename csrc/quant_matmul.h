@@ -44,6 +44,10 @@ void quant_matmul(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_
 void dequantize_rows(const uint8_t* w, int64_t N, int64_t K, QType type, const int64_t* rows,
                      int64_t n_rows, float* out, int threads);
 
+// The K float32 values of one row of W (K / block blocks of `type` at `row`), as dequantize_rows
+// computes them; on the calling thread.
+void dequantize_row(const uint8_t* row, int64_t K, QType type, float* out);
+
 // IEEE half precision bits -> float, exactly (subnormals, infinities and NaNs included).
 float half_to_float(uint16_t h);
 

@@ -1,0 +1,135 @@
+// gemm_matmul (gemm.h): float32 GEMM over dequantized weight panels.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu_layer.h"
+#include "threads.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define GENFUSE_X86 1
+#endif
+
+namespace genfuse {
+namespace {
+
+// Weight rows a thread dequantizes at once: 16 rows of K <= 1536 are <= 96 KiB, in L2 while
+// every row block of x passes them (a multiple of the tile's 4).
+constexpr int64_t kPanel = 16;
+
+using PanelFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+
+// ------------------------------------------------------------------ portable C++
+
+namespace portable {
+void panel_rows(const float* x, int64_t M, int64_t K, const float* panel, int64_t rows, float* y, int64_t ldy) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < rows; ++j) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * panel[j * K + k];
+            y[m * ldy + j] = s;
+        }
+}
+}  // namespace portable
+
+#ifdef GENFUSE_X86
+
+// ------------------------------------------------------------------ AVX2 + FMA (256 bits)
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using vf = __m256;
+constexpr int64_t W = 8;
+constexpr int kMR = 3;  // 12 accumulators + 4 weight vectors of the 16 registers
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vloadn(const float* p, int64_t n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx));
+}
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vhsum4(vf a, vf b, vf c, vf d, float* r) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+#include "gemm_simd.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------ AVX-512 (512 bits)
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f")
+namespace avx512 {
+using vf = __m512;
+constexpr int64_t W = 16;
+constexpr int kMR = 6;  // 24 accumulators + 4 weight vectors + 1 of x, of the 32 registers
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vloadn(const float* p, int64_t n) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+}
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m256 hi256(vf a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)); }
+inline void vhsum4(vf a, vf b, vf c, vf d, float* r) {  // fold to 256 bits, then as avx2
+    auto fold = [](vf v) { return _mm256_add_ps(_mm512_castps512_ps256(v), hi256(v)); };
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(d)));
+    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+#include "gemm_simd.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#endif  // GENFUSE_X86
+
+PanelFn panel_fn(CpuPath path) {
+#ifdef GENFUSE_X86
+    switch (layer_isa(path)) {
+        case LayerIsa::Avx512: return avx512::panel_rows;
+        case LayerIsa::Avx2: return avx2::panel_rows;
+        default: break;
+    }
+#endif
+    return portable::panel_rows;
+}
+
+}  // namespace
+
+void gemm_matmul(const float* x, int64_t M, int64_t K, const GemmWeight& w, int64_t N, float* y, int64_t ldy,
+                 int threads, CpuPath path) {
+    if (M <= 0 || N <= 0) return;
+    threads = clamp_threads(threads);
+    const PanelFn run = panel_fn(path);
+    const int64_t bw = w.dense ? 1 : block_weights(static_cast<int>(w.type));
+    const int64_t row_bytes = w.dense ? 0 : K / bw * block_bytes(static_cast<int>(w.type));
+    const int64_t per = std::max<int64_t>(kPanel, chunk_size(N, M * K, threads, kPanel));
+    const int chunks = static_cast<int>((N + per - 1) / per);
+    parallel_for(chunks, std::min(threads, chunks) - 1, [&](int c) {
+        thread_local std::vector<float> buf;
+        if (static_cast<int64_t>(buf.size()) < kPanel * K) buf.assign(static_cast<size_t>(kPanel * K), 0.0f);
+        const int64_t n1 = std::min(N, (c + 1) * per);
+        for (int64_t p0 = c * per; p0 < n1; p0 += kPanel) {
+            const int64_t rows = std::min(kPanel, n1 - p0);
+            const int64_t padded = (rows + 3) / 4 * 4;
+            const float* panel;
+            if (w.dense != nullptr && rows == padded) {
+                panel = w.dense + p0 * K;  // already float32 rows
+            } else {
+                float* out = buf.data();
+                for (int64_t r = 0; r < rows; ++r) {
+                    if (w.dense != nullptr) std::memcpy(out + r * K, w.dense + (p0 + r) * K, sizeof(float) * K);
+                    else dequantize_row(w.blocks + (p0 + r) * row_bytes, K, w.type, out + r * K);
+                }
+                std::fill(out + rows * K, out + padded * K, 0.0f);
+                panel = out;
+            }
+            run(x, M, K, panel, rows, y + p0, ldy);
+        }
+    });
+}
+
+}  // namespace genfuse
