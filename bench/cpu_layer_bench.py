@@ -8,11 +8,10 @@ loop, on the real model (SmolLM2-135M GGUF, packed weights), A/B interleaved in 
 step timing: host + model), median over the request's steps, per rep; reported as the median
 of the reps and their min..max.
 ``batch``: B sequences (32-token prompts) decoding together, B = 1, 8, 32, 64: the median step
-time over 12 steps. The fused path runs for any B here (its MAX_TOKENS raised), so this is also
-where the default MAX_TOKENS comes from.
+time over 12 steps. (The fused path runs at every step size.)
 ``chunk``: one prompt chunk of N tokens (fresh random ids, no prefix hit): the prefill step's time.
 ``steps``: forward_step itself on B decode tokens (B = 1 .. 64) at context 128, the modes
-alternating call by call (the fused path forced at every B).
+alternating call by call.
 ``calls``: the C++ call itself on a decode token at context 100: one call for all layers
 against one call per layer (the Python crossing it saves).
 
@@ -93,24 +92,19 @@ def batch(llm, args, rng):
 
     V = llm.engine.config.vocab_size
     res = {}
-    saved = cpu_layer.MAX_TOKENS
-    cpu_layer.MAX_TOKENS = 1 << 20  # fused at every size measured
-    try:
-        for t in args.threads:
-            llm.set_threads(t)
-            for B in (1, 8, 32, 64):
-                per = {m: [] for m in MODES}
-                for order in _orders(args.reps):
-                    for mode in order:
-                        _set_mode(mode)
-                        params = SamplingParams(max_tokens=13, temperature=0, ignore_eos=True)
-                        for i in range(B):
-                            llm.engine.add_request(f"b{rng.random()}", [rng.randrange(V) for _ in range(32)], params)
-                        steps = _run_steps(llm.engine, lambda st, B=B: st.num_tokens == B and st.num_seqs == B)
-                        per[mode].append(statistics.median(steps[1:]) * 1e3)
-                res[f"{t}t_B{B}"] = _ab(per, f"{B:3d} sequences decoding, {t} thread(s), step")
-    finally:
-        cpu_layer.MAX_TOKENS = saved
+    for t in args.threads:
+        llm.set_threads(t)
+        for B in (1, 8, 32, 64):
+            per = {m: [] for m in MODES}
+            for order in _orders(args.reps):
+                for mode in order:
+                    _set_mode(mode)
+                    params = SamplingParams(max_tokens=13, temperature=0, ignore_eos=True)
+                    for i in range(B):
+                        llm.engine.add_request(f"b{rng.random()}", [rng.randrange(V) for _ in range(32)], params)
+                    steps = _run_steps(llm.engine, lambda st, B=B: st.num_tokens == B and st.num_seqs == B)
+                    per[mode].append(statistics.median(steps[1:]) * 1e3)
+            res[f"{t}t_B{B}"] = _ab(per, f"{B:3d} sequences decoding, {t} thread(s), step")
     return res
 
 
@@ -120,23 +114,18 @@ def chunk(llm, args, rng):
 
     V = llm.engine.config.vocab_size
     res = {}
-    saved = cpu_layer.MAX_TOKENS
-    cpu_layer.MAX_TOKENS = 1 << 20
-    try:
-        for t in args.threads:
-            llm.set_threads(t)
-            for n in (8, 16, 32, 64, 128):
-                per = {m: [] for m in MODES}
-                for order in _orders(args.reps):
-                    for mode in order:
-                        _set_mode(mode)
-                        llm.engine.add_request(f"c{rng.random()}", [rng.randrange(V) for _ in range(n)],
-                                               SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-                        steps = _run_steps(llm.engine, lambda st, n=n: st.num_tokens == n)
-                        per[mode].append(steps[0] * 1e3)
-                res[f"{t}t_N{n}"] = _ab(per, f"prefill chunk of {n:3d} tokens, {t} thread(s)")
-    finally:
-        cpu_layer.MAX_TOKENS = saved
+    for t in args.threads:
+        llm.set_threads(t)
+        for n in (8, 16, 32, 64, 128):
+            per = {m: [] for m in MODES}
+            for order in _orders(args.reps):
+                for mode in order:
+                    _set_mode(mode)
+                    llm.engine.add_request(f"c{rng.random()}", [rng.randrange(V) for _ in range(n)],
+                                           SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+                    steps = _run_steps(llm.engine, lambda st, n=n: st.num_tokens == n)
+                    per[mode].append(steps[0] * 1e3)
+            res[f"{t}t_N{n}"] = _ab(per, f"prefill chunk of {n:3d} tokens, {t} thread(s)")
     return res
 
 
@@ -190,32 +179,27 @@ def steps(llm, args, rng):
     c = model.config
     ctx, bs = 128, 16
     res = {}
-    saved = cpu_layer.MAX_TOKENS
-    cpu_layer.MAX_TOKENS = 1 << 20
-    try:
-        for t in args.threads:
-            llm.set_threads(t)
-            for B in (1, 8, 16, 32, 48, 64):
-                nb = ctx // bs
-                k = torch.randn(c.num_layers, B * nb, bs, model.num_kv_heads, c.head_dim)
-                v = torch.randn_like(k)
-                i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-                table = [[b * nb + j for j in range(nb)] for b in range(B)]
-                inp = StepInputs(input_ids=i32([rng.randrange(c.vocab_size) for _ in range(B)]),
-                                 positions=i32([ctx - 1] * B), slot_mapping=i32([row[-1] * bs + bs - 1 for row in table]),
-                                 block_table=i32(table), seq_lens=i32([ctx] * B), query_start_loc=i32(list(range(B + 1))),
-                                 logits_indices=i32(list(range(B))), max_query_len=1, max_seq_len=ctx)
-                per = {m: [] for m in MODES}
-                for r in range(args.reps * 4 + 1):
-                    for mode in (("unfused", "fused") if r % 2 == 0 else ("fused", "unfused")):
-                        _set_mode(mode)
-                        t0 = time.perf_counter()
-                        model.forward_step(inp, k, v)
-                        if r:  # the first round warms up
-                            per[mode].append((time.perf_counter() - t0) * 1e3)
-                res[f"{t}t_B{B}"] = _ab(per, f"forward_step, {B:2d} decode tokens at context {ctx}, {t} thread(s)")
-    finally:
-        cpu_layer.MAX_TOKENS = saved
+    for t in args.threads:
+        llm.set_threads(t)
+        for B in (1, 8, 16, 32, 48, 64):
+            nb = ctx // bs
+            k = torch.randn(c.num_layers, B * nb, bs, model.num_kv_heads, c.head_dim)
+            v = torch.randn_like(k)
+            i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+            table = [[b * nb + j for j in range(nb)] for b in range(B)]
+            inp = StepInputs(input_ids=i32([rng.randrange(c.vocab_size) for _ in range(B)]),
+                             positions=i32([ctx - 1] * B), slot_mapping=i32([row[-1] * bs + bs - 1 for row in table]),
+                             block_table=i32(table), seq_lens=i32([ctx] * B), query_start_loc=i32(list(range(B + 1))),
+                             logits_indices=i32(list(range(B))), max_query_len=1, max_seq_len=ctx)
+            per = {m: [] for m in MODES}
+            for r in range(args.reps * 4 + 1):
+                for mode in (("unfused", "fused") if r % 2 == 0 else ("fused", "unfused")):
+                    _set_mode(mode)
+                    t0 = time.perf_counter()
+                    model.forward_step(inp, k, v)
+                    if r:  # the first round warms up
+                        per[mode].append((time.perf_counter() - t0) * 1e3)
+            res[f"{t}t_B{B}"] = _ab(per, f"forward_step, {B:2d} decode tokens at context {ctx}, {t} thread(s)")
     return res
 
 

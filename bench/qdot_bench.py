@@ -6,7 +6,7 @@ enough distinct copies that each call finds its matrix outside L2: 30 copies of 
 matrix, as a SmolLM2 decode step walks its 30 layers), with the median and the p10..p90 spread of
 `--reps` timed batches. With --base PATH (a genfuse _C*.so built from another commit), each batch
 runs both extensions back to back, interleaved, so machine noise hits both alike. With --torch,
-also times what the runtime does for M > quant.MAX_PACKED_ROWS: dequantize_rows + torch's fp32
+also times what the runtime does for M > quant.QDOT_MAX_ROWS: dequantize_rows + torch's fp32
 matmul (torch.set_num_threads(threads)), to find the crossover M.
 
     python bench/qdot_bench.py                           # the default shapes, best path

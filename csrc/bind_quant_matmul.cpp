@@ -211,6 +211,7 @@ void register_quant_matmul(py::module_& m) {
           "w (N, K/block * block bytes) uint8 in GGML format `type` (2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, "
           "14 Q6_K; blocks of 32, 256 for the K-quants), x and y float32 "
           "C-contiguous numpy arrays. path: a name from cpu_paths() (None: cpu_path()); act_bits 32, 16 or 8.");
+    m.attr("QDOT_MAX_ROWS") = genfuse::kQdotMaxRows;  // where the runtime leaves qdot for gemm
     m.def("gemm_matmul",
           [](const py::handle& x_, const py::handle& w_, int type, const py::handle& y_, int threads, const py::object& path_) {
               const genfuse::CpuPath path = cpu_path_arg(path_);  // first: it runs Python code

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "gemm.h"
 #include "threads.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -166,9 +167,25 @@ float* scratch(std::vector<float>& buf, int64_t n) {
     return buf.data();
 }
 
-// y (M, w.N) = x (M, w.K) @ w^T.
+// y (M, w.N) = x (M, w.K) @ w^T: qdot_matmul (or the dense dot rows) up to kQdotMaxRows rows of
+// x, where the weight's bytes bound the time; past it gemm_matmul, where the arithmetic does.
 void matmul(const CpuWeight& w, const float* x, int64_t M, float* y, int threads, CpuPath path, Act act,
             const Kernels& kern) {
+    if (M > kQdotMaxRows) {
+        GemmWeight gw;
+        if (w.parts.empty()) {
+            gw.dense = w.dense;
+            gemm_matmul(x, M, w.K, gw, w.N, y, w.N, threads, path);
+            return;
+        }
+        int64_t col = 0;
+        for (const CpuWeight::Part& p : w.parts) {  // each part straight into its own columns
+            gw.blocks = p.data, gw.type = p.type;
+            gemm_matmul(x, M, w.K, gw, p.rows, y + col, w.N, threads, path);
+            col += p.rows;
+        }
+        return;
+    }
     if (w.parts.empty()) {  // dense float32: split over weight rows like qdot_matmul
         const int64_t rows = std::max<int64_t>(1, chunk_size(w.N, w.K * M, threads, 8));
         const int chunks = static_cast<int>((w.N + rows - 1) / rows);

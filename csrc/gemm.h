@@ -27,6 +27,10 @@
 
 namespace genfuse {
 
+// Up to this many rows of x the runtime's matmuls take qdot_matmul, past it gemm_matmul (the
+// crossover on SmolLM2's shapes, bench/README.md; runtime/quant.py QDOT_MAX_ROWS is the same).
+constexpr int64_t kQdotMaxRows = 8;
+
 // A weight (N, K): GGML blocks of `type` (quant_matmul.h's types, K-quants included), or dense
 // float32 rows when `dense` is set.
 struct GemmWeight {

@@ -41,9 +41,11 @@ BLOCK_WEIGHTS = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 BLOCK = 32  # the smallest block (Q4_0 / Q4_1 / Q8_0); a type's own is BLOCK_WEIGHTS[qtype]
 
-# Above this many rows of x a matmul dequantizes the weight once and hands it to torch's GEMM:
-# the packed kernel reads each weight once per 4 rows of x, which only pays for small batches.
-MAX_PACKED_ROWS = 32
+# Up to this many rows of x a packed matmul takes the integer-dot kernel (csrc/qdot.h), bound by
+# the weight's bytes (it reads each weight once per 4 rows); past it the float32 GEMM over
+# dequantized weight panels (csrc/gemm.h), bound by arithmetic. Both run on the kernels' thread
+# pool, so torch's own threads stay out of the way (bench/README.md has the crossover).
+QDOT_MAX_ROWS = 8
 
 
 def act_bits() -> int:
@@ -191,12 +193,6 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
     x2 = x.reshape(-1, K)
     if x2.dtype != torch.float32 or x2.device.type != "cpu":
         raise ValueError(f"packed weights multiply float32 CPU inputs, got {x2.dtype} on {x2.device}")
-    if x2.shape[0] > MAX_PACKED_ROWS:  # a long prompt: one dequantization, then torch's GEMM
-        # on the kernels' thread count: with packed weights torch's own is 1 (runtime.threads),
-        # which suits the per-token ops but would leave a prompt's GEMM on one core
-        with _torch_threads(kernel_threads()):
-            return _kernel_linear(x, weight.dequantize(), bias, activation=activation, residual=residual,
-                                  backend="torch")
     x2 = x2.contiguous()
     y = _packed_matmul(x2, weight, kernel_threads())
     y = y.view(*x.shape[:-1], N)
@@ -209,27 +205,16 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, activat
     return y
 
 
-class _torch_threads:
-    """torch's intra-op threads set to ``n`` inside the block (unchanged when they already are)."""
-
-    def __init__(self, n: int):
-        self.n, self.before = n, torch.get_num_threads()
-
-    def __enter__(self):
-        if self.before != self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.before != self.n:
-            torch.set_num_threads(self.before)
-
-
 def _packed_matmul(x2: torch.Tensor, weight, threads: int) -> torch.Tensor:
-    """x2 (M, K) contiguous float32 @ weight.T -> (M, N) through genfuse._C.qdot_matmul."""
+    """x2 (M, K) contiguous float32 @ weight.T -> (M, N): genfuse._C.qdot_matmul for up to
+    QDOT_MAX_ROWS rows, genfuse._C.gemm_matmul past them."""
     M, ext = x2.shape[0], _ext()
     if isinstance(weight, PackedWeight):
         y = torch.empty((M, weight.shape[0]), dtype=torch.float32)
-        ext.qdot_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads, None, act_bits())
+        if M <= QDOT_MAX_ROWS:
+            ext.qdot_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads, None, act_bits())
+        else:
+            ext.gemm_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads)
         return y
     outs = [_packed_matmul(x2, p, threads) for p in weight.parts]  # PackedRows: one call a part
     return torch.cat(outs, dim=1)

@@ -11,11 +11,11 @@ attention read in place from the pools (no gathers), no allocation once warm.
 When it runs (`fused_layers` returns None otherwise and forward_step takes its torch path):
 the model is on the CPU in float32 with the torch kernels (no Triton interpreter), not tensor
 parallel, its rotary tables built, every layer matrix packed (`PackedWeight`, or `PackedRows`
-for mixed-type rows), and the step has 1 to `MAX_TOKENS` tokens: above that, a prompt chunk's
-matmuls go to torch's GEMM over dequantized weights (`runtime.quant.MAX_PACKED_ROWS`), which
-wins there. Dense float32 weights are supported by the C++ class (a plain dot-product matmul,
-no GEMM blocking) but taken only with ``GENFUSE_FUSED_LAYERS=all``: measured ahead of torch's
-up to 16 tokens and behind it at 32 on a loaded machine, not yet on an idle one.
+for mixed-type rows), at any step size. Its matmuls are those of `runtime.quant.linear`: the
+integer-dot kernel up to `QDOT_MAX_ROWS` tokens, the float32 GEMM over dequantized panels past
+it (csrc/gemm.h), both on the kernels' thread pool. Dense float32 weights are supported by the
+C++ class (dot-product rows up to QDOT_MAX_ROWS tokens, the same GEMM past it) but taken only
+with ``GENFUSE_FUSED_LAYERS=all``: not yet measured against torch's GEMM on its own threads.
 
 Turning it off for A/B: ``GENFUSE_FUSED_LAYERS=0`` in the environment (read every step), or
 ``model.fused_layers = False`` on one model. The kernels' code path follows the packed matmul's
@@ -29,16 +29,10 @@ import os
 import torch
 from genfuse.kernels._common import resolve_backend
 
-from ..quant import MAX_PACKED_ROWS, QTYPES, PackedRows, PackedWeight, act_bits
+from ..quant import QTYPES, PackedRows, PackedWeight, act_bits
 from ..threads import kernel_threads
 
 ENV = "GENFUSE_FUSED_LAYERS"  # "0": off; "all": dense float32 weights too; else packed weights only
-# Steps of more tokens take the torch path. It is where `linear` leaves the packed kernel for a
-# dequantized weight and torch's GEMM (the fused call has only the packed kernel): below it the
-# fused step does the same matmuls with less around them; above it, at 1 thread, the GEMM wins
-# (bench/cpu_layer_bench.py steps, bench/results/2026-12-02-cpu-layer).
-MAX_TOKENS = MAX_PACKED_ROWS
-
 
 def _weight(w):
     """What CpuDecoder takes for a matrix: the float32 array, or [(blocks, type), ...]."""
@@ -103,7 +97,7 @@ def fused_layers(model, inp, k_pool: torch.Tensor, v_pool: torch.Tensor, h: torc
     written into the pools. None where the fused path does not apply (the caller runs its own
     loop). ``h``: the step's embeddings, overwritten."""
     N = inp.num_tokens
-    if not 0 < N <= MAX_TOKENS or model.cos is None:
+    if N <= 0 or model.cos is None:
         return None
     dec = decoder(model)
     if dec is None:

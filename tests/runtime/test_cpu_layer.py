@@ -21,7 +21,7 @@ from genfuse import _C  # noqa: E402
 from genfuse.runtime.config import ModelConfig  # noqa: E402
 from genfuse.runtime.engine.kv_cache import StepInputs  # noqa: E402
 from genfuse.runtime.models import cpu_layer, llama  # noqa: E402
-from genfuse.runtime.quant import PackedWeight  # noqa: E402
+from genfuse.runtime.quant import QDOT_MAX_ROWS, PackedWeight  # noqa: E402
 from genfuse.runtime.sampling import SamplingParams  # noqa: E402
 from llm_helpers import one_thread, smollm_llm  # noqa: E402
 
@@ -114,10 +114,12 @@ def step_inputs(seqs, block_size, pad_rows=0):
                       max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])), max_seq_len=max(lens))
 
 
-def two_steps(model, block_size, fused: bool):
-    """(logits of step 1, logits of step 2, k pool, v pool): three prefills (21, 5 and 1 tokens),
-    then a 7-token chunk after the 21 cached, two decodes and one padded row. Unwritten slots are
-    NaN (a kernel reading one shows); block 0, which the padded row reads, holds finite values."""
+def three_steps(model, block_size, fused: bool):
+    """(logits of steps 1, 2 and 3, k pool, v pool): three prefills (21, 5 and 1 tokens), then a
+    7-token chunk after the 21 cached, two decodes and one padded row, then three decodes. Steps 1
+    and 2 have more than QDOT_MAX_ROWS tokens (the GEMM), step 3 fewer (the integer-dot kernel).
+    Unwritten slots are NaN (a kernel reading one shows); block 0, which the padded row reads,
+    holds finite values."""
     c = model.config
     shape = (c.num_layers, NUM_BLOCKS, block_size, model.num_kv_heads, c.head_dim)
     gen = torch.Generator().manual_seed(1)
@@ -131,10 +133,14 @@ def two_steps(model, block_size, fused: bool):
                      block_size)
     s2 = step_inputs([(21, 7, toks[0][21:28], blocks[0]), (5, 1, toks[1][5:6], blocks[1]), (1, 1, toks[2][1:2], blocks[2])],
                      block_size, pad_rows=1)
+    s3 = step_inputs([(28, 1, toks[0][28:29], blocks[0]), (6, 1, toks[1][6:7], blocks[1]), (2, 1, toks[2][2:3], blocks[2])],
+                     block_size)
+    assert s1.num_tokens > QDOT_MAX_ROWS and s2.num_tokens > QDOT_MAX_ROWS and s3.num_tokens <= QDOT_MAX_ROWS
     with env(GENFUSE_FUSED_LAYERS=os.environ.get("GENFUSE_FUSED_LAYERS", "1") if fused else "0"):
         l1 = model.forward_step(s1, k, v)
         l2 = model.forward_step(s2, k, v)
-    return l1, l2, k, v
+        l3 = model.forward_step(s3, k, v)
+    return l1, l2, l3, k, v
 
 
 def close(a, b, tol=1e-5):
@@ -145,16 +151,16 @@ def close(a, b, tol=1e-5):
 
 
 def check_model(model, block_size):
-    ref = two_steps(model, block_size, fused=False)
+    ref = three_steps(model, block_size, fused=False)
     attend = llama.attend
     llama.attend = lambda *a, **k: pytest.fail("the torch layer loop ran")  # the fused path must carry every layer
     try:
-        got = two_steps(model, block_size, fused=True)
+        got = three_steps(model, block_size, fused=True)
     finally:
         llama.attend = attend
-    close(got[0], ref[0])
-    close(got[1], ref[1])
-    for g, r in zip(got[2:], ref[2:]):  # the same slots written (NaN where neither wrote), the same values
+    for g, r in zip(got[:3], ref[:3]):
+        close(g, r)
+    for g, r in zip(got[3:], ref[3:]):  # the same slots written (NaN where neither wrote), the same values
         assert torch.equal(g.isnan(), r.isnan())
         close(g.nan_to_num(), r.nan_to_num())
 
@@ -194,9 +200,6 @@ def test_switches_and_limits():
     model.fused_layers = False
     assert cpu_layer.decoder(model) is None
     model.fused_layers = True
-    big = step_inputs([(0, cpu_layer.MAX_TOKENS + 1, [1] * (cpu_layer.MAX_TOKENS + 1), [1, 2, 3])], 16)
-    k = torch.zeros(2, 4, 16, 2, 32)
-    assert cpu_layer.fused_layers(model, big, k, k.clone(), torch.zeros(big.num_tokens, 64)) is None
     assert _C.cpu_layer_isa("portable") == "portable"
     assert _C.cpu_layer_isa(PATHS[0]) in ("avx512", "avx2", "portable")
 

@@ -117,18 +117,22 @@ def test_cli_generate_and_chat_take_threads(tmp_path, capsys):
 
 
 def test_long_prompt_gemm_runs_on_the_kernel_threads(monkeypatch):
-    """Past MAX_PACKED_ROWS the packed weight is dequantized for torch's GEMM, which then runs on
-    the kernels' thread count, and torch's own setting is restored after."""
+    """Past QDOT_MAX_ROWS a packed matmul is genfuse's float32 GEMM (gemm_matmul) on the kernels'
+    thread count, and torch's own threads are left alone (two pools would fight for the cores)."""
     from genfuse.runtime import quant
     from gguf import quants
 
+    assert quant.QDOT_MAX_ROWS == quant._ext().QDOT_MAX_ROWS  # the fused layers' switch is the same
     rng = np.random.default_rng(0)
     blocks = quants.quantize(rng.standard_normal((16, 64)).astype(np.float32), T.Q8_0)
     w = quant.PackedWeight(torch.from_numpy(blocks), "Q8_0", 64)
-    seen = []
-    real = quant._kernel_linear
-    monkeypatch.setattr(quant, "_kernel_linear", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    ext = quant._ext()
+    seen, set_calls = [], []
+    real = ext.gemm_matmul
+    monkeypatch.setattr(ext, "gemm_matmul", lambda *a: (seen.append(a[4]), real(*a))[1])
     gthreads.set_threads(2, torch_threads=1)
-    x = torch.randn(quant.MAX_PACKED_ROWS + 1, 64)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_calls.append(n))
+    x = torch.randn(quant.QDOT_MAX_ROWS + 1, 64)
     torch.testing.assert_close(quant.linear(x, w), x @ w.dequantize().T)
-    assert seen == [2] and torch.get_num_threads() == 1
+    quant.linear(x[:quant.QDOT_MAX_ROWS], w)  # the integer-dot kernel: no gemm call
+    assert seen == [2] and set_calls == [] and torch.get_num_threads() == 1
