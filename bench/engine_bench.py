@@ -217,8 +217,8 @@ def main(argv=None, args=None) -> int:
                "keep_quantized": loaded.keep_quantized}
     if loaded.device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(loaded.device)
-    print(f"genfuse bench engine: {loaded.name} on {machine['device']} ({machine['dtype']}, "
-          f"{machine['threads']} threads)", flush=True)
+    print(f"genfuse bench engine: {loaded.name} on {machine['device']} ({machine['dtype']}, genfuse kernels on "
+          f"{machine['kernel_threads']} thread(s), torch on {machine['threads']})", flush=True)
     results = {"model": loaded.name, "machine": machine}
     for name in parts:
         print(f"[{name}]", flush=True)

@@ -5,14 +5,16 @@ activation width, code path and thread count, warm (one matrix, in cache) and co
 enough distinct copies that each call finds its matrix outside L2: 30 copies of a 3072x576 Q4_1
 matrix, as a SmolLM2 decode step walks its 30 layers), with the median and the p10..p90 spread of
 `--reps` timed batches. With --base PATH (a genfuse _C*.so built from another commit), each batch
-runs both extensions back to back, interleaved, so machine noise hits both alike. With --torch,
-also times what the runtime does for M > quant.QDOT_MAX_ROWS: dequantize_rows + torch's fp32
-matmul (torch.set_num_threads(threads)), to find the crossover M.
+runs both extensions back to back, interleaved, so machine noise hits both alike. With --gemm,
+also times what the runtime does for M > quant.QDOT_MAX_ROWS: genfuse._C.gemm_matmul (float32
+GEMM over dequantized panels, csrc/gemm.h), cold, in the same units, to find the crossover M;
+with --torch, what a user would otherwise do: dequantize_rows + torch's fp32 matmul
+(torch.set_num_threads(threads)).
 
     python bench/qdot_bench.py                           # the default shapes, best path
     python bench/qdot_bench.py --paths all --M 1,4,16,64 --bits 8,32
     python bench/qdot_bench.py --base /tmp/gf_base/genfuse/_C.cpython-311-x86_64-linux-gnu.so
-    python bench/qdot_bench.py --shapes 3072x576:Q4_1 --M 1,8,16,32,64 --torch
+    python bench/qdot_bench.py --shapes 3072x576:Q4_1 --M 1,8,16,32,64 --bits 32 --gemm --torch
 
 --cpu-time times the calling thread's CPU time instead of wall time (threads=1 only), for a
 machine other work is loading. Threads are pinned (sched_setaffinity to the first `threads` CPUs) so the pool does not migrate.
@@ -84,6 +86,7 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--min-ms", type=float, default=20.0, help="time per batch")
     ap.add_argument("--base", default=None, help="another build's _C .so to interleave with")
+    ap.add_argument("--gemm", action="store_true", help="also genfuse's float32 GEMM (gemm_matmul)")
     ap.add_argument("--torch", action="store_true", help="also dequantize + torch fp32 matmul")
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--cpu-time", action="store_true",
@@ -142,22 +145,27 @@ def main():
                             per_row_us = wbytes / np.median(g) / 1e3 / M
                             line += f"  {mode}/{n} {stats(g)} GB/s ({per_row_us:7.1f} us/act row)"
                         print(line, flush=True)
+                def cold(fn, label):
+                    fn()
+                    calls = max(1, int(args.min_ms * 1e-3 / time_batches(fn, 1, 2).min()))
+                    g = wbytes / time_batches(fn, calls, args.reps) / 1e9
+                    print(f"{qname} {N}x{K} M={M:<3d} {label} t{threads}: cold {stats(g)} GB/s "
+                          f"({wbytes / np.median(g) / 1e3 / M:7.1f} us/act row)", flush=True)
+
+                it = iter(range(1 << 62))
+                if args.gemm:
+                    cold(lambda: _C.gemm_matmul(x, ws[next(it) % len(ws)], qtype, y, threads), "gemm fp32       ")
                 if args.torch:
                     import torch
                     torch.set_num_threads(threads)
                     out = np.empty((N, K), np.float32)
                     xt = torch.from_numpy(x)
 
-                    def deq(i=[0]):
-                        i[0] += 1
-                        w = ws[i[0] % len(ws)]
-                        _C.dequantize_rows(w, qtype, K, None, out, threads)
+                    def deq():
+                        _C.dequantize_rows(ws[next(it) % len(ws)], qtype, K, None, out, threads)
                         return xt @ torch.from_numpy(out).T
 
-                    deq()
-                    g = wbytes / time_batches(deq, max(1, int(args.min_ms * 1e-3 / time_batches(deq, 1, 2).min())), args.reps) / 1e9
-                    print(f"{qname} {N}x{K} M={M:<3d} dequant+torch fp32 t{threads}: cold {stats(g)} GB/s "
-                          f"({wbytes / np.median(g) / 1e3 / M:7.1f} us/act row)", flush=True)
+                    cold(deq, "dequant+torch fp32")
 
 
 def _platform():

@@ -93,7 +93,9 @@ class LLM:
     the current setting, by default the physical cores). With packed weights on the CPU, torch's
     intra-op threads are set to 1 as well (the kernels do the heavy work on their own pool; the
     per-token torch ops are too small to split, and OpenMP's spinning threads would take the
-    cores from the pool); for a dense CPU model torch gets ``threads`` when it is given.
+    cores from the pool); for a dense CPU model torch gets ``threads`` when it is given. Under
+    tensor parallelism the count is per rank (every worker takes rank 0's with each step), and
+    for ranks started here on the CPU the default is the physical cores split among them.
     """
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, device: str | torch.device | None = None,

@@ -40,6 +40,11 @@ def kernel_threads() -> int:
     return _threads if _threads is not None else default_threads()
 
 
+def threads_given() -> bool:
+    """Whether `set_threads` has set a count (else `kernel_threads()` is the default)."""
+    return _threads is not None
+
+
 def check_threads(threads) -> int | None:
     """``threads`` as an int >= 1 (None passes); ValueError naming the value otherwise."""
     if threads is None:

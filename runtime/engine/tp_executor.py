@@ -31,12 +31,15 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .. import threads as _threads
 from ..distributed import check_tensor_parallel, choose_backend, free_port, launch_env, reap
 from .kv_cache import StepInputs
 
 _log = logging.getLogger("genfuse.tp")
 _STEP, _COPY, _STOP, _SETUP = 1, 2, 3, 4
-_HEADER = 10  # int64: command, payload length, N, B, W, S, max_query_len, max_seq_len, spare x2
+# int64: command, payload length, N, B, W, S, max_query_len, max_seq_len, then rank 0's genfuse
+# kernel threads and torch intra-op threads, which every worker takes on (`--threads` is per rank)
+_HEADER = 10
 # how long a collective waits for a peer before failing (a dead or hung rank); the environment
 # variable GENFUSE_TP_TIMEOUT_S overrides it
 DEFAULT_TIMEOUT_S = 120.0
@@ -115,7 +118,8 @@ def _pack(inp: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
                  inp.logits_indices, inp.block_table.reshape(-1)]
         flat = torch.cat([p.to(torch.int32) for p in parts])
     header = torch.tensor([_STEP, flat.numel(), inp.num_tokens, B, W, inp.logits_indices.numel(),
-                           inp.max_query_len, inp.max_seq_len, 0, 0], dtype=torch.int64)
+                           inp.max_query_len, inp.max_seq_len, _threads.kernel_threads(), torch.get_num_threads()],
+                          dtype=torch.int64)
     return header, flat
 
 
@@ -182,7 +186,17 @@ def _serve_steps(model, load_kwargs: dict, rank: int, world: int, device: str) -
             k[:, dst] = k[:, src]
             v[:, dst] = v[:, src]
         elif cmd == _STEP:
+            _follow_threads(rank, int(header[8]), int(header[9]))
             net.forward_step(_unpack(header, payload), k, v)
+
+
+def _follow_threads(rank: int, kernel: int, torch_threads: int) -> None:
+    """Take on rank 0's thread counts when they differ from this rank's (LLM.set_threads,
+    `--threads`): a step's cost is the slowest rank's, so all run alike."""
+    if kernel < 1 or (kernel == _threads.kernel_threads() and torch_threads == torch.get_num_threads()):
+        return
+    _threads.set_threads(kernel, torch_threads=torch_threads)
+    _log.info("rank %d: genfuse kernels on %d thread(s), torch on %d", rank, kernel, torch_threads)
 
 
 def _ignore_sigint() -> None:
@@ -271,6 +285,10 @@ class TPExecutor:
         self.backend, self.device = choose_backend(backend, device, world, local_rank=local)
         self.made_group = not dist.is_initialized()
         if rank is None:  # no launcher: start the workers, one group over the loopback
+            if self.backend == "gloo" and not _threads.threads_given():
+                # the ranks share this machine's cores: by default each takes its share (the
+                # workers take rank 0's count with every step)
+                _threads.set_threads(max(1, _threads.default_threads() // world))
             init_method = f"tcp://127.0.0.1:{free_port()}"
             ctx = mp.get_context("spawn")
             log = _log_setup()

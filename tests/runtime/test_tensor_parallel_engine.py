@@ -158,3 +158,39 @@ def test_ctrl_c_during_generate_over_2_ranks(tmp_path):
     while subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "a process of the run is still alive"
         time.sleep(0.1)
+
+
+def test_workers_take_rank_0s_threads(tiny_llama, capfd):
+    """`--threads` / LLM.set_threads hold on every rank: a worker takes rank 0's kernel and torch
+    thread counts with the next step (and logs it), and ranks started here split the cores by
+    default."""
+    import logging
+
+    import torch
+
+    from genfuse.runtime import threads
+
+    log = logging.getLogger("genfuse.tp")
+    handler = logging.StreamHandler()
+    log.addHandler(handler)
+    old_level, old_threads, old_torch = log.level, threads._threads, torch.get_num_threads()
+    log.setLevel(logging.INFO)
+    threads._threads = None
+    try:
+        engine = Engine(str(tiny_llama), device="cpu", backend="torch", tensor_parallel_size=2)
+        try:
+            assert threads.kernel_threads() == max(1, threads.default_threads() // 2)
+            threads.set_threads(3, torch_threads=2)
+            run_all(engine, [[1, 2, 3]], n=2)
+            threads.set_threads(1, torch_threads=1)
+            run_all(engine, [[4, 5, 6]], n=2)
+        finally:
+            engine.close()
+        err = capfd.readouterr().err
+        assert "rank 1: genfuse kernels on 3 thread(s), torch on 2" in err, err
+        assert "rank 1: genfuse kernels on 1 thread(s), torch on 1" in err, err
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        threads._threads = old_threads
+        torch.set_num_threads(old_torch)
