@@ -14,7 +14,8 @@
 //   mlp_out = (silu(gate) * up) @ Wdown^T + b_down, with [gate | up] = x @ Wgu^T + b_gu
 // leaving (h, mlp_out) as forward_step carries them into the final norm.
 //
-// Weights are GGML packed blocks (the matmul is qdot_matmul, qdot.h) or dense float32 rows.
+// Weights are GGML packed blocks or dense float32 rows; the matmul is qdot_matmul (qdot.h) up to
+// kQdotMaxRows tokens, gemm_matmul (gemm.h) past it.
 // The norms, rotary, attention and SwiGLU are compiled per instruction set (avx512, avx2,
 // portable) and picked from the qdot CpuPath: avx512* -> avx512, avx2 / avx-vnni -> avx2.
 #pragma once

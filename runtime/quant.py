@@ -16,7 +16,12 @@ accuracy for speed (8 is llama.cpp's Q8: 1.3-1.4x faster kernels here, SmolLM2's
 by ~1e-2 relative and greedy tokens diverge within a few steps; 16: ~1e-4). With b bits the
 result is within  sum_blocks dx / 2 * sum |w|  of x @ W, dx = max |x| / (2^(b-1) - 1) per block
 (dx * 2^-16 for 32 bits); for the K-quants the activation blocks are 256 wide (llama.cpp's Q8_K
-grouping, csrc/kquant.h). Embedding rows are exactly what `gguf.quants.dequantize` gives.
+grouping, csrc/kquant.h). That kernel is bound by the weight's bytes; for more than
+`QDOT_MAX_ROWS` rows of x (prompt chunks, wide decode batches) the arithmetic is, and `linear`
+takes csrc/gemm.h instead: weight panels dequantized to float32 into cache, then a float32 GEMM
+with x as it is (within float32 rounding of x @ dequantize(W); batch-invariant too, though not
+the same bits as the integer-dot result). Embedding rows are exactly what
+`gguf.quants.dequantize` gives.
 
 The model files call `linear` and `embedding` from here: they pass a `PackedWeight` to the C++
 kernel and anything else on to `genfuse.kernels.linear` / plain indexing, so one model
