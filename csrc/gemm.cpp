@@ -46,17 +46,7 @@ namespace avx2 {
 using vf = __m256;
 constexpr int64_t W = 8;
 constexpr int kMR = 3;  // 12 accumulators + 4 weight vectors of the 16 registers
-inline vf vzero() { return _mm256_setzero_ps(); }
-inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vf vloadn(const float* p, int64_t n) {
-    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx));
-}
-inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-inline void vhsum4(vf a, vf b, vf c, vf d, float* r) {
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
-}
+#include "simd_avx2.inc"
 #include "gemm_simd.inc"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -64,23 +54,12 @@ inline void vhsum4(vf a, vf b, vf c, vf d, float* r) {
 // ------------------------------------------------------------------ AVX-512 (512 bits)
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f")
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl")
 namespace avx512 {
 using vf = __m512;
 constexpr int64_t W = 16;
 constexpr int kMR = 6;  // 24 accumulators + 4 weight vectors + 1 of x, of the 32 registers
-inline vf vzero() { return _mm512_setzero_ps(); }
-inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vf vloadn(const float* p, int64_t n) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
-}
-inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-inline __m256 hi256(vf a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)); }
-inline void vhsum4(vf a, vf b, vf c, vf d, float* r) {  // fold to 256 bits, then as avx2
-    auto fold = [](vf v) { return _mm256_add_ps(_mm512_castps512_ps256(v), hi256(v)); };
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(d)));
-    _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
-}
+#include "simd_avx512.inc"
 #include "gemm_simd.inc"
 }  // namespace avx512
 #pragma GCC pop_options

@@ -216,10 +216,11 @@ def _packed_matmul(x2: torch.Tensor, weight, threads: int) -> torch.Tensor:
     M, ext = x2.shape[0], _ext()
     if isinstance(weight, PackedWeight):
         y = torch.empty((M, weight.shape[0]), dtype=torch.float32)
+        args = (x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads)
         if M <= QDOT_MAX_ROWS:
-            ext.qdot_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads, None, act_bits())
+            ext.qdot_matmul(*args, None, act_bits())
         else:
-            ext.gemm_matmul(x2.numpy(), weight._data_np, QTYPES[weight.qtype], y.numpy(), threads)
+            ext.gemm_matmul(*args)
         return y
     outs = [_packed_matmul(x2, p, threads) for p in weight.parts]  # PackedRows: one call a part
     return torch.cat(outs, dim=1)

@@ -193,7 +193,7 @@ def _serve_steps(model, load_kwargs: dict, rank: int, world: int, device: str) -
 def _follow_threads(rank: int, kernel: int, torch_threads: int) -> None:
     """Take on rank 0's thread counts when they differ from this rank's (LLM.set_threads,
     `--threads`): a step's cost is the slowest rank's, so all run alike."""
-    if kernel < 1 or (kernel == _threads.kernel_threads() and torch_threads == torch.get_num_threads()):
+    if kernel == _threads.kernel_threads() and torch_threads == torch.get_num_threads():
         return
     _threads.set_threads(kernel, torch_threads=torch_threads)
     _log.info("rank %d: genfuse kernels on %d thread(s), torch on %d", rank, kernel, torch_threads)

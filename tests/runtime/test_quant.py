@@ -125,7 +125,7 @@ def _packed_weight(N, K, qtype, seed=0):
     return PackedWeight(torch.from_numpy(blocks), qtype.name, K), torch.from_numpy(deq)
 
 
-@pytest.mark.parametrize("M", [1, 3, quant.QDOT_MAX_ROWS + 5])  # the last one takes the dequantize + GEMM path
+@pytest.mark.parametrize("M", [1, 3, quant.QDOT_MAX_ROWS + 5])  # the last one takes the float32 GEMM (gemm_matmul)
 @pytest.mark.parametrize("activation", [None, "silu", "gelu_tanh", "relu", "gelu", "tanh"])  # every epilogue
 def test_linear_with_epilogue_matches_dense(M, activation):
     from genfuse.kernels import linear_reference
@@ -137,7 +137,7 @@ def test_linear_with_epilogue_matches_dense(M, activation):
     want = linear_reference(x.double(), deq.double(), bias.double(), activation=activation,
                             residual=res.double())
     assert got.shape == (1, M, 40) and got.dtype == torch.float32
-    if M > quant.QDOT_MAX_ROWS:  # float32 GEMM on the dequantized weight
+    if M > quant.QDOT_MAX_ROWS:  # float32 GEMM on the dequantized weight panels
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     else:  # integer dots on Q8 activations: the activation bound (each epilogue is 1.2-Lipschitz)
         bound = 1.2 * torch.from_numpy(activation_bound(x[0].numpy(), deq.numpy())) + 1e-5
