@@ -21,7 +21,11 @@ namespace {
 // stay in L2 while it does. (16 rows left a 512-token step at 174 GF/s, from L3.)
 constexpr int64_t kPanel = 64;
 
-using PanelFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+// What one instruction set provides: the tile loop over a panel, and a weight row's dequantization.
+struct Kernels {
+    void (*panel_rows)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+    void (*dequant_row)(const uint8_t*, int64_t, QType, float*);
+};
 
 // ------------------------------------------------------------------ portable C++
 
@@ -34,6 +38,7 @@ void panel_rows(const float* x, int64_t M, int64_t K, const float* panel, int64_
             y[m * ldy + j] = s;
         }
 }
+constexpr Kernels kKernels{panel_rows, dequantize_row};
 }  // namespace portable
 
 #ifdef GENFUSE_X86
@@ -41,40 +46,42 @@ void panel_rows(const float* x, int64_t M, int64_t K, const float* panel, int64_
 // ------------------------------------------------------------------ AVX2 + FMA (256 bits)
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 using vf = __m256;
 constexpr int64_t W = 8;
 constexpr int kMR = 3;  // 12 accumulators + 4 weight vectors of the 16 registers
 #include "simd_avx2.inc"
 #include "gemm_simd.inc"
+constexpr Kernels kKernels{panel_rows, dequant_row};
 }  // namespace avx2
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------ AVX-512 (512 bits)
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 namespace avx512 {
 using vf = __m512;
 constexpr int64_t W = 16;
 constexpr int kMR = 6;  // 24 accumulators + 4 weight vectors + 1 of x, of the 32 registers
 #include "simd_avx512.inc"
 #include "gemm_simd.inc"
+constexpr Kernels kKernels{panel_rows, dequant_row};
 }  // namespace avx512
 #pragma GCC pop_options
 
 #endif  // GENFUSE_X86
 
-PanelFn panel_fn(CpuPath path) {
+const Kernels& kernels_for(CpuPath path) {
 #ifdef GENFUSE_X86
     switch (layer_isa(path)) {
-        case LayerIsa::Avx512: return avx512::panel_rows;
-        case LayerIsa::Avx2: return avx2::panel_rows;
+        case LayerIsa::Avx512: return avx512::kKernels;
+        case LayerIsa::Avx2: return avx2::kKernels;
         default: break;
     }
 #endif
-    return portable::panel_rows;
+    return portable::kKernels;
 }
 
 }  // namespace
@@ -83,7 +90,7 @@ void gemm_matmul(const float* x, int64_t M, int64_t K, const GemmWeight& w, int6
                  int threads, CpuPath path) {
     if (M <= 0 || N <= 0) return;
     threads = clamp_threads(threads);
-    const PanelFn run = panel_fn(path);
+    const Kernels& kern = kernels_for(path);
     const int64_t bw = w.dense ? 1 : block_weights(static_cast<int>(w.type));
     const int64_t row_bytes = w.dense ? 0 : K / bw * block_bytes(static_cast<int>(w.type));
     // Chunks in multiples of the tile's 4 rows (whole panels would leave a thread idle on
@@ -104,12 +111,12 @@ void gemm_matmul(const float* x, int64_t M, int64_t K, const GemmWeight& w, int6
                 float* out = buf.data();
                 for (int64_t r = 0; r < rows; ++r) {
                     if (w.dense != nullptr) std::memcpy(out + r * K, w.dense + (p0 + r) * K, sizeof(float) * K);
-                    else dequantize_row(w.blocks + (p0 + r) * row_bytes, K, w.type, out + r * K);
+                    else kern.dequant_row(w.blocks + (p0 + r) * row_bytes, K, w.type, out + r * K);
                 }
                 std::fill(out + rows * K, out + padded * K, 0.0f);
                 panel = out;
             }
-            run(x, M, K, panel, rows, y + p0, ldy);
+            kern.panel_rows(x, M, K, panel, rows, y + p0, ldy);
         }
     });
 }

@@ -97,6 +97,26 @@ def test_bitwise_batch_invariant(path, qtype):
         assert np.array_equal(gemm(x, part, 0, 19, path=path).view(np.uint32), full[:, 11:30].view(np.uint32))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_packed_weights_give_the_bits_of_their_dequantized_rows(path, qtype):
+    """Each panel is dequantized (vectorized for Q4_0/Q4_1/Q8_0) to exactly gguf's float32
+    weights: the product equals the one over those weights as dense rows, bit for bit. Scales
+    include float16 subnormals and a negative Q4_1 minimum."""
+    K, N = BLOCK[qtype] * 3, 13
+    w, tid, wf = weight(N, K, qtype, seed=11)
+    if qtype in (T.Q4_0, T.Q4_1, T.Q8_0):
+        b = w.reshape(N, K // 32, -1).copy()
+        b[0, :, :2] = np.array([2.0 ** -20], np.float16).view(np.uint8)  # a subnormal scale d
+        if qtype == T.Q4_1:
+            b[1, :, 2:4] = np.array([-0.75], np.float16).view(np.uint8)  # the minimum m
+        w = b.reshape(N, -1)
+        wf = quants.dequantize(w, qtype).reshape(N, K)
+    x = np.random.default_rng(4).standard_normal((10, K)).astype(np.float32)
+    dense = gemm(x, np.ascontiguousarray(wf, np.float32), 0, N, path=path)
+    assert np.array_equal(gemm(x, w, tid, N, path=path).view(np.uint32), dense.view(np.uint32))
+
+
 def test_paths_agree_with_each_other_within_their_bounds():
     """The same product on every path (a path-selection mix-up would break this first)."""
     w, tid, wf = weight(20, 512, T.Q4_K, seed=3)
