@@ -61,6 +61,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "as LLM(threads=) sets them) (default: the physical cores)")
     p.add_argument("--modes", default="engine,one_at_a_time,static_batch",
                    help="throughput part: which runs (default all three; the ratios need engine and the other)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="every engine's kv_cache_dtype (EngineArgs; default auto: the model's dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     return p
@@ -119,7 +121,7 @@ def throughput(loaded, args, rng) -> dict:
     runs = {"engine": ({}, None), "one_at_a_time": ({"max_num_seqs": 1}, None), "static_batch": ({}, longest)}
     for name in _modes(args):
         kw, override = runs[name]
-        engine = Engine(loaded, **kw)
+        engine = Engine(loaded, kv_cache_dtype=args.kv_cache_dtype, **kw)
         _run(engine, [(reqs[0][0][:16], 4)])  # warm-up
         secs, useful = _run(engine, reqs, max_tokens_override=override)
         res[name] = {"seconds": secs, "tokens": useful, "tokens_per_s": useful / secs,
@@ -142,7 +144,7 @@ def prefix(loaded, args, rng) -> dict:
     prompts = [system + [rng.randrange(V) for _ in range(16)] for _ in range(args.prefix_requests)]
     res = {"requests": len(prompts), "prefix_tokens": args.prefix_tokens}
     for caching in (True, False):
-        engine = Engine(loaded, enable_prefix_caching=caching)
+        engine = Engine(loaded, enable_prefix_caching=caching, kv_cache_dtype=args.kv_cache_dtype)
         ttfts = []
         for i, p in enumerate(prompts):
             t0 = time.perf_counter()
@@ -170,7 +172,7 @@ def overhead(loaded, args, rng) -> dict:
     from genfuse.runtime.sampling import SamplingParams
 
     V = loaded.config.vocab_size
-    engine = Engine(loaded, max_num_seqs=args.overhead_seqs)
+    engine = Engine(loaded, max_num_seqs=args.overhead_seqs, kv_cache_dtype=args.kv_cache_dtype)
     for i in range(args.overhead_seqs):
         engine.add_request(str(i), [rng.randrange(V) for _ in range(32)],
                            SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
@@ -213,12 +215,13 @@ def main(argv=None, args=None) -> int:
         set_threads(n, torch_threads=1 if loaded.keep_quantized else n)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "device": str(loaded.device),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(loaded.dtype),
-               "kernel_threads": kernel_threads(),
+               "kernel_threads": kernel_threads(), "kv_cache_dtype": args.kv_cache_dtype,
                "keep_quantized": loaded.keep_quantized}
     if loaded.device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(loaded.device)
     print(f"genfuse bench engine: {loaded.name} on {machine['device']} ({machine['dtype']}, genfuse kernels on "
-          f"{machine['kernel_threads']} thread(s), torch on {machine['threads']})", flush=True)
+          f"{machine['kernel_threads']} thread(s), torch on {machine['threads']}; kv_cache_dtype "
+          f"{args.kv_cache_dtype})", flush=True)
     results = {"model": loaded.name, "machine": machine}
     for name in parts:
         print(f"[{name}]", flush=True)

@@ -28,7 +28,7 @@ py::array arg_array(const py::handle& h, const std::string& name, char kind, int
     if (!py::isinstance<py::array>(h))
         throw py::type_error(name + " must be a numpy.ndarray, not " + genfuse::pyargs::type_name(h.ptr()));
     auto a = py::reinterpret_borrow<py::array>(h);
-    const char* want = kind == 'f' ? "float32" : kind == 'i' ? "int32" : "uint8";
+    const char* want = kind == 'f' ? (itemsize == 2 ? "float16" : "float32") : kind == 'i' ? "int32" : "uint8";
     if (a.dtype().kind() != kind || a.itemsize() != itemsize || a.dtype().byteorder() == '>')
         throw py::value_error(name + " must be " + want + ", got " + std::string(py::str(a.dtype())));
     bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
@@ -121,8 +121,11 @@ class CpuDecoder {
         const int64_t B = table.shape(0);
         const py::array lens = arg_array(lens_, "seq_lens", 'i', 4, {B});
         const py::array qsl = arg_array(qsl_, "query_start_loc", 'i', 4, {B + 1});
-        py::array k = arg_array(k_, "k_pool", 'f', 4, {L, -1, -1, Hkv, D}, true);
-        py::array v = arg_array(v_, "v_pool", 'f', 4, {L, k.shape(1), k.shape(2), Hkv, D}, true);
+        // float32 pools, or float16 ones (the engine's kv_cache_dtype="float16"), both alike
+        const bool half = py::isinstance<py::array>(k_) && py::reinterpret_borrow<py::array>(k_).dtype().kind() == 'f' &&
+                          py::reinterpret_borrow<py::array>(k_).itemsize() == 2;
+        py::array k = arg_array(k_, "k_pool", 'f', half ? 2 : 4, {L, -1, -1, Hkv, D}, true);
+        py::array v = arg_array(v_, "v_pool", 'f', half ? 2 : 4, {L, k.shape(1), k.shape(2), Hkv, D}, true);
         const py::array cos = arg_array(cos_, "cos", 'f', 4, {-1, -1});
         const py::array sin = arg_array(sin_, "sin", 'f', 4, {cos.shape(0), cos.shape(1)});
         if (cos.shape(1) < 1 || 2 * cos.shape(1) > D)
@@ -137,9 +140,9 @@ class CpuDecoder {
         genfuse::CpuStep st{N, B, table.shape(1), static_cast<const int32_t*>(pos.data()),
                             static_cast<const int32_t*>(slots.data()), static_cast<const int32_t*>(table.data()),
                             static_cast<const int32_t*>(lens.data()), static_cast<const int32_t*>(qsl.data())};
-        genfuse::CpuKv kv{static_cast<float*>(k.mutable_data()), static_cast<float*>(v.mutable_data()),
-                          L, k.shape(1), k.shape(2), static_cast<const float*>(cos.data()),
-                          static_cast<const float*>(sin.data()), cos.shape(0), cos.shape(1)};
+        genfuse::CpuKv kv{k.mutable_data(), v.mutable_data(), L, k.shape(1), k.shape(2),
+                          static_cast<const float*>(cos.data()), static_cast<const float*>(sin.data()), cos.shape(0),
+                          cos.shape(1), half};
         const std::string bad = genfuse::check_step(st, kv);
         if (!bad.empty()) throw py::value_error(bad);
         auto* hp = static_cast<float*>(h.mutable_data());
@@ -225,7 +228,7 @@ void register_cpu_layer(py::module_& m) {
              py::arg("last") = py::none(), py::arg("mlp_in") = false,
              "Layers [first, last) over one engine step, in place: h, mlp_out (N, hidden) float32; positions, "
              "slot_mapping (N,), block_table (B, W), seq_lens (B,), query_start_loc (B + 1,) int32; k_pool, "
-             "v_pool (layers, blocks, block_size, Hkv, D) float32; cos, sin (positions, rotary half) float32. "
+             "v_pool (layers, blocks, block_size, Hkv, D) float32 (or both float16); cos, sin (positions, rotary half) float32. "
              "mlp_in: the first layer starts with h += mlp_out. path: a qdot path name (None: cpu_path()).");
     m.def("cpu_layer_isa", [](const py::object& path_) {
         const genfuse::CpuPath path =

@@ -146,6 +146,17 @@ void register_quant_matmul(py::module_& m) {
           "y (M, N) = x (M, K) @ dequantize(w).T for w (N, K/32 * block bytes) uint8 in GGML format "
           "`type` (2 Q4_0, 3 Q4_1, 8 Q8_0; 12 Q4_K, 13 Q5_K, 14 Q6_K go to the integer-dot kernel at "
           "act_bits 32); x and y float32 numpy arrays, C-contiguous. portable=True skips the SIMD code (for tests).");
+    m.def("float_to_half",
+          [](const py::array_t<float, py::array::c_style | py::array::forcecast>& x) {
+              py::array_t<uint16_t> out(x.size());
+              const float* xp = x.data();
+              uint16_t* op = out.mutable_data();
+              for (py::ssize_t i = 0; i < x.size(); ++i) op[i] = genfuse::float_to_half(xp[i]);
+              return out;
+          },
+          py::arg("x"),
+          "The IEEE half bits (uint16, flat) of float32 values, rounded to nearest even as the fused CPU layers "
+          "store a float16 KV cache on the portable path (for tests; F16C's conversion on the others).");
     m.def("dequantize_rows",
           [](const py::handle& w_, int type, int64_t K, const py::handle& rows, const py::handle& out_, int threads) {
               // The row indices first, copied: their conversion is the only Python code an

@@ -27,7 +27,18 @@ struct Kernels {
     void (*dense_rows)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*);
     void (*attend_rows)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
                         const int32_t*, int64_t, float, float*, float*);
+    // the same over float16 pools, and a K/V row's store into one
+    void (*attend_rows_h)(const float*, int64_t, int64_t, const uint16_t*, const uint16_t*, int64_t, int64_t,
+                          int64_t, const int32_t*, int64_t, float, float*, float*);
+    void (*store_row_h)(const float*, int64_t, uint16_t*);
 };
+
+// The Kernels of the namespace it is expanded in.
+#define GF_KERNELS                                                                                                   \
+    constexpr Kernels kKernels {                                                                                     \
+        rms_norm_rows, add_rows, rotary_heads, swiglu_rows, dense_rows, attend_rows<float>, attend_rows<uint16_t>, \
+            static_cast<void (*)(const float*, int64_t, uint16_t*)>(store_row)                                       \
+    }
 
 // ------------------------------------------------------------------ portable C++
 
@@ -48,10 +59,12 @@ inline vf vmin(vf a, vf b) { return std::isnan(b) ? b : std::min(a, b); }
 inline float vhsum(vf a) { return a; }
 inline void vhsum4(vf a, vf b, vf c, vf d, float* r) { r[0] = a, r[1] = b, r[2] = c, r[3] = d; }
 inline float vhmax(vf a) { return a; }
+inline vf vload(const uint16_t* p) { return half_to_float(*p); }
+inline void vstore(uint16_t* p, vf v) { *p = float_to_half(v); }
 #define GF_SCALAR_EXP 1
 #include "cpu_layer_simd.inc"
 #undef GF_SCALAR_EXP
-constexpr Kernels kKernels{rms_norm_rows, add_rows, rotary_heads, swiglu_rows, dense_rows, attend_rows};
+GF_KERNELS;
 }  // namespace portable
 
 #ifdef GENFUSE_X86
@@ -59,26 +72,26 @@ constexpr Kernels kKernels{rms_norm_rows, add_rows, rotary_heads, swiglu_rows, d
 // ------------------------------------------------------------------ AVX2 + FMA (256 bits)
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 using vf = __m256;
 constexpr int64_t W = 8;
 #include "simd_avx2.inc"
 #include "cpu_layer_simd.inc"
-constexpr Kernels kKernels{rms_norm_rows, add_rows, rotary_heads, swiglu_rows, dense_rows, attend_rows};
+GF_KERNELS;
 }  // namespace avx2
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------ AVX-512 (512 bits)
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 namespace avx512 {
 using vf = __m512;
 constexpr int64_t W = 16;
 #include "simd_avx512.inc"
 #include "cpu_layer_simd.inc"
-constexpr Kernels kKernels{rms_norm_rows, add_rows, rotary_heads, swiglu_rows, dense_rows, attend_rows};
+GF_KERNELS;
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -233,38 +246,47 @@ void cpu_layers_forward(const CpuDims& dm, const std::vector<CpuLayer>& layers, 
         else kern.rms_norm_rows(h, nullptr, lw.input_norm, dm.eps, N, H, x);
         matmul(lw.qkv, x, N, qkv, threads, path, act, kern);  // (N, q + 2 kv)
         if (lw.b_qkv != nullptr) kern.add_rows(qkv, lw.b_qkv, nullptr, N, nqkv);
-        float* kp = kv.k + l * layer_stride;
-        float* vp = kv.v + l * layer_stride;
-        for (int64_t i = 0; i < N; ++i) {
-            float* row = qkv + i * nqkv;
-            const float* c = kv.cos + st.positions[i] * kv.rot_half;
-            const float* s = kv.sin + st.positions[i] * kv.rot_half;
-            kern.rotary_heads(row, Hq + Hkv, D, c, s, kv.rot_half);  // q and k heads are adjacent
-            const int64_t slot = st.slot_mapping[i];
-            if (slot >= 0) {  // negative: padding, nothing written
-                std::memcpy(kp + slot * tok, row + qs, sizeof(float) * kvs);
-                std::memcpy(vp + slot * tok, row + qs + kvs, sizeof(float) * kvs);
-            }
-        }
-        // attention over (token, kv head) pairs, every K/V of the step written first
-        parallel_for(att_chunks, std::min(threads, att_chunks) - 1, [&](int c) {
-            thread_local std::vector<float> att_buf;
-            float* sc = scratch(att_buf, att_scratch);
-            const int64_t t1 = std::min(tasks, (c + 1) * task_chunk);
-            for (int64_t t = c * task_chunk; t < t1; ++t) {
-                const int64_t i = t / Hkv, g = t % Hkv;
-                float* out = y + i * qs + g * G * D;
-                const int32_t b = seq_of[i];
-                if (b < 0) {
-                    std::fill(out, out + G * D, 0.0f);
-                    continue;
+        // this layer's K/V: rotary, into the pools (float32 or float16), then every query's attention
+        auto write_and_attend = [&](auto* kp, auto* vp, auto attend, auto store) {
+            for (int64_t i = 0; i < N; ++i) {
+                float* row = qkv + i * nqkv;
+                const float* c = kv.cos + st.positions[i] * kv.rot_half;
+                const float* s = kv.sin + st.positions[i] * kv.rot_half;
+                kern.rotary_heads(row, Hq + Hkv, D, c, s, kv.rot_half);  // q and k heads are adjacent
+                const int64_t slot = st.slot_mapping[i];
+                if (slot >= 0) {  // negative: padding, nothing written
+                    store(row + qs, kvs, kp + slot * tok);
+                    store(row + qs + kvs, kvs, vp + slot * tok);
                 }
-                const int64_t q_len = st.query_start_loc[b + 1] - st.query_start_loc[b];
-                const int64_t ctx = st.seq_lens[b] - q_len + (i - st.query_start_loc[b]) + 1;  // causal, bottom-right
-                kern.attend_rows(qkv + i * nqkv + g * G * D, G, D, kp + g * D, vp + g * D, tok, blk, bs,
-                                 st.block_table + b * st.W, ctx, scale, out, sc);
             }
-        });
+            // attention over (token, kv head) pairs, every K/V of the step written first
+            parallel_for(att_chunks, std::min(threads, att_chunks) - 1, [&](int c) {
+                thread_local std::vector<float> att_buf;
+                float* sc = scratch(att_buf, att_scratch);
+                const int64_t t1 = std::min(tasks, (c + 1) * task_chunk);
+                for (int64_t t = c * task_chunk; t < t1; ++t) {
+                    const int64_t i = t / Hkv, g = t % Hkv;
+                    float* out = y + i * qs + g * G * D;
+                    const int32_t b = seq_of[i];
+                    if (b < 0) {
+                        std::fill(out, out + G * D, 0.0f);
+                        continue;
+                    }
+                    const int64_t q_len = st.query_start_loc[b + 1] - st.query_start_loc[b];
+                    const int64_t ctx = st.seq_lens[b] - q_len + (i - st.query_start_loc[b]) + 1;  // causal, bottom-right
+                    attend(qkv + i * nqkv + g * G * D, G, D, kp + g * D, vp + g * D, tok, blk, bs,
+                           st.block_table + b * st.W, ctx, scale, out, sc);
+                }
+            });
+        };
+        if (kv.half)
+            write_and_attend(static_cast<uint16_t*>(kv.k) + l * layer_stride, static_cast<uint16_t*>(kv.v) + l * layer_stride,
+                             kern.attend_rows_h, kern.store_row_h);
+        else
+            write_and_attend(static_cast<float*>(kv.k) + l * layer_stride, static_cast<float*>(kv.v) + l * layer_stride,
+                             kern.attend_rows, [](const float* src, int64_t n, float* dst) {
+                                 std::memcpy(dst, src, sizeof(float) * n);
+                             });
         matmul(lw.o, y, N, o, threads, path, act, kern);  // (N, hidden)
         kern.add_rows(o, lw.b_o, h, N, H);                // + b_o + h
         std::memcpy(h, o, sizeof(float) * N * H);

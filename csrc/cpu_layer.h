@@ -7,7 +7,8 @@
 // runtime/engine/kv_cache.py `StepInputs` lays them out):
 //   h += mlp_out (all but the first layer of a step), x = rms_norm(h) * input_norm
 //   qkv = x @ Wqkv^T + b_qkv;  rotary on q and k (llama layout, rotate-half: x1 c - x2 s, x2 c + x1 s)
-//   k, v -> the layer's paged pools through slot_mapping (slot < 0: padding, nothing written)
+//   k, v -> the layer's paged pools through slot_mapping (slot < 0: padding, nothing written),
+//       float32 or float16 (CpuKv::half: rounded to nearest even; read back widened to float32)
 //   y = paged attention of each query over its sequence's blocks, in place (no gathers): causal
 //       bottom-right, grouped-query heads, online softmax in float32, scale 1 / sqrt(D)
 //   h = y @ Wo^T + b_o + h;  x = rms_norm(h) * post_norm
@@ -70,12 +71,13 @@ struct CpuStep {
 };
 
 struct CpuKv {
-    float* k;  // (num_layers, num_blocks, block_size, Hkv, D)
-    float* v;
+    void* k;  // (num_layers, num_blocks, block_size, Hkv, D): float, or float16 bits where `half`
+    void* v;
     int64_t num_layers, num_blocks, block_size;
     const float* cos;  // (max_positions, rot_half)
     const float* sin;
     int64_t max_positions, rot_half;
+    bool half = false;  // float16 pools (written rounded to nearest even, read widened to float32)
 };
 
 enum class LayerIsa : int { Portable = 0, Avx2 = 1, Avx512 = 2 };

@@ -68,6 +68,29 @@ float half_to_float(uint16_t h) {
     return f;
 }
 
+uint16_t float_to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u)  // inf, NaN (quiet, payload's top bits kept)
+        return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+    if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
+    if (ax < 0x38800000u) {  // a half subnormal (or zero): round ax / 2^-24 to an integer, even ties
+        if (ax < 0x33000000u) return static_cast<uint16_t>(sign);  // below half of 2^-24: 0
+        const uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u;
+        const uint32_t shift = 126 - e;  // 14 .. 24 bits off the 24-bit mantissa
+        uint32_t q = m >> shift;
+        const uint32_t rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
+        return static_cast<uint16_t>(sign | q);
+    }
+    uint32_t h = ((ax >> 13) - (112u << 10));  // rebias 127 -> 15
+    const uint32_t rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry may step into the exponent: right
+    return static_cast<uint16_t>(sign | h);
+}
+
 namespace {
 
 // ------------------------------------------------------------------ portable pieces

@@ -50,6 +50,8 @@ void dequantize_row(const uint8_t* row, int64_t K, QType type, float* out);
 
 // IEEE half precision bits -> float, exactly (subnormals, infinities and NaNs included).
 float half_to_float(uint16_t h);
+// float -> IEEE half, rounded to nearest even (overflow to inf, NaN kept): what F16C's vcvtps2ph does.
+uint16_t float_to_half(float f);
 
 // Whether the AVX/FMA code path is in use on this CPU.
 bool quant_matmul_uses_avx();

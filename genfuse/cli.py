@@ -188,6 +188,9 @@ def engine_flags(p) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per engine step (default 2048 on CUDA, 512 on CPU)")
     g.add_argument("--max-num-seqs", type=int, default=None, help="requests running at once (default 256)")
+    g.add_argument("--kv-cache-dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
+                   help="the KV cache's element type (default auto: the model's dtype); float16 with a float32 "
+                        "model needs the fused CPU layers (packed GGUF weights on CPU) and holds twice the tokens")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not share the KV of equal prompt prefixes")
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
@@ -241,7 +244,7 @@ def _sampling_params(args):
 
 
 ENGINE_FLAGS = ("block_size", "num_kv_blocks", "kv_cache_memory", "max_model_len", "max_num_batched_tokens",
-                "max_num_seqs", "tensor_parallel_size", "distributed_backend")
+                "max_num_seqs", "kv_cache_dtype", "tensor_parallel_size", "distributed_backend")
 
 
 def _engine_args(args) -> dict:

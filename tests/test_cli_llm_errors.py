@@ -88,6 +88,16 @@ def test_too_many_tokens_is_one_line(capsys, folder):
     assert "exceed max_model_len=32768" in _one_line_error(capsys.readouterr().err, "generate")
 
 
+def test_a_kv_cache_dtype_the_layers_cannot_keep_is_one_line(capsys, folder):
+    # the tiny model's dense safetensors weights run the torch layers: float16 K/V is refused
+    assert main(["generate", "hi", "--model", str(folder), "--kv-cache-dtype", "float16", *FLAGS]) == 1
+    assert "kv_cache_dtype='float16' differs from the model's float32" in _one_line_error(capsys.readouterr().err,
+                                                                                         "generate")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--model", str(folder), "--kv-cache-dtype", "fp8"])
+    assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 def test_a_model_that_turns_nan_fails_with_one_line(capsys, folder, tmp_path):
     """Before: NaN logits sampled as token 0 ("<unk>") to max_tokens, exit 0."""
     import shutil

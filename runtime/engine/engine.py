@@ -42,6 +42,7 @@ _log = logging.getLogger("genfuse")
 # CPU has no "free memory" to take a fraction of: a fixed pool (genfuse info prints it).
 CPU_KV_CACHE_MEMORY = 1 << 30
 GPU_MEMORY_UTILIZATION = 0.9  # of the memory free after the weights, as vLLM's default
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class EngineArgs:
     - ``max_num_batched_tokens``: tokens per step (2048 on CUDA, 512 on CPU).
     - ``max_model_len``: prompt + output tokens per request; default and upper bound: the
       model's context and the pool's capacity.
+    - ``kv_cache_dtype``: the K/V pools' element type: "auto" (the model's dtype), or "float32",
+      "float16", "bfloat16". One other than the model's dtype needs the fused CPU layers
+      (`models.cpu_layer`: a Llama-family model with packed GGUF weights, float32, on CPU, one
+      process), which store K/V as float16 and widen them back to float32 as attention reads
+      them (as llama.cpp's default f16 cache): half the bytes a token, so twice the tokens in the
+      same ``kv_cache_memory`` and half the memory traffic of attention, at float16 rounding of
+      K and V (11 significant bits). Elsewhere the pools are the model's dtype.
     - ``enable_prefix_caching``: share the KV of equal prompt prefixes (on).
     - ``enable_chunked_prefill``: split long prompts over steps (on); off, a prompt must fit
       ``max_num_batched_tokens`` whole.
@@ -72,6 +80,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     tensor_parallel_size: int = 1
@@ -95,6 +104,9 @@ class EngineArgs:
         pos_int("tensor_parallel_size", 1, 64)
         if self.distributed_backend not in (None, "gloo", "nccl"):
             raise ValueError(f"distributed_backend must be 'gloo', 'nccl' or None, got {self.distributed_backend!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
             raise ValueError("give num_kv_blocks or kv_cache_memory, not both")
         for name in ("enable_prefix_caching", "enable_chunked_prefill"):
@@ -242,7 +254,8 @@ class Engine:
         c = self.config
         kv_heads = getattr(self.model, "num_kv_heads", c.num_kv_heads)  # this rank's, under TP
 
-        per_block = kv_bytes_per_block(c.num_layers, kv_heads, c.head_dim, args.block_size, lm.dtype)
+        kv_dtype = _kv_dtype(args.kv_cache_dtype, self.model, lm.dtype, self.tp is not None)
+        per_block = kv_bytes_per_block(c.num_layers, kv_heads, c.head_dim, args.block_size, kv_dtype)
         num_blocks = args.num_kv_blocks
         if num_blocks is None:
             memory = args.kv_cache_memory
@@ -275,7 +288,7 @@ class Engine:
         if self.tp is not None:
             self.tp.setup(num_blocks, args.block_size, max_len)
         self.kv = KVCacheManager(num_layers=c.num_layers, num_kv_heads=kv_heads, head_dim=c.head_dim,
-                                 num_blocks=num_blocks, block_size=args.block_size, dtype=lm.dtype,
+                                 num_blocks=num_blocks, block_size=args.block_size, dtype=kv_dtype,
                                  device=self.device, enable_prefix_caching=args.enable_prefix_caching,
                                  block_manager_cls=block_manager_cls)
         if cuda_graphs is None:
@@ -288,9 +301,9 @@ class Engine:
         self.scheduler = Scheduler(self.kv.block_manager, max_num_seqs=args.max_num_seqs,
                                    max_num_batched_tokens=batched, max_model_len=max_len,
                                    enable_chunked_prefill=args.enable_chunked_prefill)
-        _log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB); at max_model_len=%d that is "
+        _log.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB, %s); at max_model_len=%d that is "
                   "%.2fx concurrency", num_blocks, args.block_size, capacity, num_blocks * per_block / 2**20,
-                  max_len, capacity / max_len)
+                  str(kv_dtype).removeprefix("torch."), max_len, capacity / max_len)
 
     # ------------------------------------------------------------------ public API
 
@@ -498,6 +511,23 @@ class Engine:
             r.status = type(r.status).WAITING
             sched.waiting.appendleft(r)
         sched.running.clear()
+
+
+def _kv_dtype(name: str, model, model_dtype: torch.dtype, tensor_parallel: bool) -> torch.dtype:
+    """The pools' dtype for ``kv_cache_dtype=name`` (EngineArgs); ValueError where the model's
+    layers cannot store K/V in it."""
+    dtype = model_dtype if name == "auto" else getattr(torch, name)
+    if dtype == model_dtype:
+        return dtype
+    from genfuse.runtime.models.cpu_layer import decoder
+    from genfuse.runtime.models.llama import Llama
+
+    if (dtype == torch.float16 and model_dtype == torch.float32 and not tensor_parallel and isinstance(model, Llama)
+            and decoder(model) is not None):
+        return dtype
+    raise ValueError(f"kv_cache_dtype={name!r} differs from the model's {str(model_dtype).removeprefix('torch.')}: "
+                     "only the fused CPU layers (a Llama-family model with packed GGUF weights, float32, on CPU, "
+                     "one process, GENFUSE_FUSED_LAYERS not 0) keep float16 K/V; use kv_cache_dtype='auto'")
 
 
 def kv_cache_summary(config, dtype: torch.dtype, block_size: int = 16, memory: int = CPU_KV_CACHE_MEMORY) -> dict:

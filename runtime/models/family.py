@@ -55,6 +55,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, inp, k
     ``(N, Hq, D)`` attends to its sequence's cached prefix and itself (causal, bottom-right).
     The engine built the tables (`engine.kv_cache.StepInputs`), so the data checks are skipped.
     Returns ``(N, Hq, D)``."""
+    if k_pool.dtype != k.dtype:  # kv_cache_dtype="float16": only the fused CPU layers write such pools
+        raise RuntimeError(f"the KV cache is {str(k_pool.dtype).removeprefix('torch.')} but this step runs the "
+                           f"{str(k.dtype).removeprefix('torch.')} torch layers (GENFUSE_FUSED_LAYERS=0 after the "
+                           "engine started?); restart with kv_cache_dtype='auto'")
     write_kv_cache(k, v, k_pool[layer], v_pool[layer], inp.slot_mapping, validate=False, backend=backend)
     return unified_attention(q, k_pool[layer], v_pool[layer], inp.block_table, inp.seq_lens, inp.query_start_loc,
                              max_query_len=inp.max_query_len, validate=False, backend=backend)

@@ -114,7 +114,7 @@ def step_inputs(seqs, block_size, pad_rows=0):
                       max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])), max_seq_len=max(lens))
 
 
-def three_steps(model, block_size, fused: bool):
+def three_steps(model, block_size, fused: bool, kv_dtype=torch.float32):
     """(logits of steps 1, 2 and 3, k pool, v pool): three prefills (21, 5 and 1 tokens), then a
     7-token chunk after the 21 cached, two decodes and one padded row, then three decodes. Steps 1
     and 2 have more than QDOT_MAX_ROWS tokens (the GEMM), step 3 fewer (the integer-dot kernel).
@@ -123,7 +123,7 @@ def three_steps(model, block_size, fused: bool):
     c = model.config
     shape = (c.num_layers, NUM_BLOCKS, block_size, model.num_kv_heads, c.head_dim)
     gen = torch.Generator().manual_seed(1)
-    k, v = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    k, v = torch.full(shape, float("nan"), dtype=kv_dtype), torch.full(shape, float("nan"), dtype=kv_dtype)
     k[:, 0], v[:, 0] = torch.randn(shape[:1] + shape[2:], generator=gen), torch.randn(shape[:1] + shape[2:], generator=gen)
     rng = np.random.default_rng(2)
     perm = [int(b) for b in rng.permutation(np.arange(1, NUM_BLOCKS))]  # scattered blocks, never block 0
@@ -204,6 +204,41 @@ def test_switches_and_limits():
     assert _C.cpu_layer_isa(PATHS[0]) in ("avx512", "avx2", "portable")
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ["gqa-d32-bs16-bias", "gqa-d40-bs16-bias", "mha-d64-bs32"])
+def test_float16_pools(case, path):
+    """kv_cache_dtype="float16": layer 0's K/V (which no attention precedes) land in the pools as
+    exactly the float16 rounding of what the float32 pools get; every layer's logits stay within
+    float16 rounding of the float32 run, on every path (vector tails: D = 40)."""
+    heads, kv_heads, d, bias, bs, v_type = CASES[case]
+    model = tiny_model(heads, kv_heads, d, bias, v_type=v_type)
+    with env(GENFUSE_CPU_PATH=path):
+        ref = three_steps(model, bs, fused=True)
+        got = three_steps(model, bs, fused=True, kv_dtype=torch.float16)
+    assert got[3].dtype == torch.float16
+    for g, r in zip(got[3:], ref[3:]):
+        assert torch.equal(g.isnan(), r.isnan())
+        assert torch.equal(g[0].view(torch.int16), r[0].half().view(torch.int16))  # layer 0: the rounding only
+        close(g.float().nan_to_num(), r.nan_to_num(), tol=4e-3)
+    for g, r in zip(got[:3], ref[:3]):
+        close(g, r, tol=1e-2)
+
+
+def test_float_to_half_rounds_as_numpy():
+    """The portable path's float -> half (F16C's on the others) against numpy: edges (subnormals,
+    ties, the overflow threshold 65520, inf, NaN) and 2**20 random bit patterns."""
+    edges = np.array([0.0, -0.0, 2.0 ** -24, 2.0 ** -25, 2.0 ** -25 * 1.0000001, 3 * 2.0 ** -25, 2.0 ** -14,
+                      2.0 ** -14 * (1 - 2.0 ** -11), 65504.0, 65519.99, 65520.0, 1e10, -1e-10, 1 + 2.0 ** -11,
+                      1 + 3 * 2.0 ** -11, np.inf, -np.inf, np.nan], np.float32)
+    rnd = np.random.default_rng(0).integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    for x in (edges, rnd):
+        with np.errstate(over="ignore"):
+            got, want = _C.float_to_half(x), x.astype(np.float16).view(np.uint16)
+        nan = np.isnan(x)
+        assert np.array_equal(got[~nan], want[~nan])
+        assert np.isnan(got[nan].view(np.float16)).all()
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 
@@ -218,6 +253,45 @@ def test_smollm_greedy_tokens_fused_equal_unfused():
     assert out["1"] == out["0"]
     assert all(len(t) == 32 for t in out["1"])
     assert cpu_layer.decoder(llm.engine.model) is not None
+
+
+def test_smollm_float16_kv_cache():
+    """Engine(kv_cache_dtype="float16") on SmolLM2: twice the tokens in the same memory, the same
+    greedy tokens as the float32 cache on these prompts (64 tokens each, checked when written);
+    refused by name where the layers cannot keep it, and a step that would run the torch layers
+    over it says so."""
+    from genfuse.runtime.engine import Engine, EngineArgs
+    from genfuse.runtime.engine.kv_cache import kv_bytes_per_block
+
+    loaded = smollm_llm().engine.loaded
+    c = loaded.config
+    mem = 24 * kv_bytes_per_block(c.num_layers, c.num_kv_heads, c.head_dim, 16, torch.float32)  # 24 float32 blocks
+    prompts = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,", "def fib(n):"]
+    ids = [loaded.tokenizer.encode(p) for p in prompts]
+    outs, cap = {}, {}
+    for dt in ("auto", "float16"):
+        e = Engine(loaded, kv_cache_dtype=dt, kv_cache_memory=mem)
+        cap[dt] = e.kv_capacity_tokens
+        for i, p in enumerate(ids):
+            e.add_request(str(i), p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+        done = {}
+        while e.has_unfinished_requests():
+            done.update({o.request_id: o.token_ids for o in e.step() if o.finished})
+        outs[dt] = [done[str(i)] for i in range(len(ids))]
+        assert e.kv.k.dtype == (torch.float16 if dt == "float16" else torch.float32)
+    assert cap == {"auto": 24 * 16, "float16": 48 * 16}
+    assert outs["float16"] == outs["auto"] and all(len(t) == 24 for t in outs["auto"])
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of 'auto', 'float32', 'float16', 'bfloat16', got 'fp8'"):
+        EngineArgs(kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='bfloat16' differs from the model's float32: only the fused"):
+        Engine(loaded, kv_cache_dtype="bfloat16", kv_cache_memory=mem)
+    with env(GENFUSE_FUSED_LAYERS="0"):
+        with pytest.raises(ValueError, match=r"kv_cache_dtype='float16' differs .* use kv_cache_dtype='auto'"):
+            Engine(loaded, kv_cache_dtype="float16", kv_cache_memory=mem)
+    e = Engine(loaded, kv_cache_dtype="float16", kv_cache_memory=mem)
+    e.add_request("x", ids[0], SamplingParams(max_tokens=4))
+    with env(GENFUSE_FUSED_LAYERS="0"), pytest.raises(RuntimeError, match=r"the KV cache is float16 but this step runs"):
+        e.step()
 
 
 # --------------------------------------------------------------------------- bad input
