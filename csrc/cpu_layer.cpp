@@ -37,7 +37,7 @@ struct Kernels {
 #define GF_KERNELS                                                                                                   \
     constexpr Kernels kKernels {                                                                                     \
         rms_norm_rows, add_rows, rotary_heads, swiglu_rows, dense_rows, attend_rows<float>, attend_rows<uint16_t>, \
-            static_cast<void (*)(const float*, int64_t, uint16_t*)>(store_row)                                       \
+            store_row                                                                                                \
     }
 
 // ------------------------------------------------------------------ portable C++
