@@ -64,8 +64,10 @@ def _kv_cache_cpu() -> Dict[str, Any]:
         from genfuse.runtime.config import load_config
         from genfuse.runtime.registry import DEFAULT_MODEL, resolve
 
-        summary = kv_cache_summary(load_config(resolve(DEFAULT_MODEL).path), torch.float32)
-        out.update(model=DEFAULT_MODEL, tokens=summary["tokens"], bytes_per_token=summary["bytes_per_token"])
+        config = load_config(resolve(DEFAULT_MODEL).path)
+        summary = kv_cache_summary(config, torch.float32)
+        out.update(model=DEFAULT_MODEL, tokens=summary["tokens"], bytes_per_token=summary["bytes_per_token"],
+                   tokens_float16=kv_cache_summary(config, torch.float16)["tokens"])
     except Exception as exc:  # the default model's package may not be installed
         out["model_error"] = f"{type(exc).__name__}: {exc}"
     return out
@@ -98,5 +100,6 @@ def format_text(facts: Dict[str, Any]) -> str:
 def _kv_line(kv: Dict[str, Any]) -> str:
     line = f"CPU default {kv['kv_cache_memory'] / 2**30:.1f} GiB (LLM/Engine kv_cache_memory, num_kv_blocks)"
     if "tokens" in kv:
-        line += f": {kv['tokens']} tokens of {kv['model']} in fp32 ({kv['bytes_per_token']} B a token)"
+        line += (f": {kv['tokens']} tokens of {kv['model']} in fp32 ({kv['bytes_per_token']} B a token), "
+                 f"{kv['tokens_float16']} with kv_cache_dtype=float16")
     return line

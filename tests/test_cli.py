@@ -46,6 +46,9 @@ def test_info_json_is_machine_readable(capsys):
     assert facts["extension"]["version"] == "0.1.0"
     if not torch.cuda.is_available():
         assert "error" in facts["gpu"]  # NVML finds no GPU here and says so
+    kv = facts["kv_cache_cpu"]  # the default pool: SmolLM2 (in the test install) at 46080 B a float32 token
+    assert kv["kv_cache_memory"] == 1 << 30 and kv["bytes_per_token"] == 46080
+    assert kv["tokens"] == 23296 and kv["tokens_float16"] == 46592
 
 
 def test_info_backend_line_follows_the_environment():
