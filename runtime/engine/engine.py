@@ -520,10 +520,8 @@ def _kv_dtype(name: str, model, model_dtype: torch.dtype, tensor_parallel: bool)
     if dtype == model_dtype:
         return dtype
     from genfuse.runtime.models.cpu_layer import decoder
-    from genfuse.runtime.models.llama import Llama
 
-    if (dtype == torch.float16 and model_dtype == torch.float32 and not tensor_parallel and isinstance(model, Llama)
-            and decoder(model) is not None):
+    if dtype == torch.float16 and model_dtype == torch.float32 and not tensor_parallel and decoder(model) is not None:
         return dtype
     raise ValueError(f"kv_cache_dtype={name!r} differs from the model's {str(model_dtype).removeprefix('torch.')}: "
                      "only the fused CPU layers (a Llama-family model with packed GGUF weights, float32, on CPU, "

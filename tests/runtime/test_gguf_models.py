@@ -160,6 +160,16 @@ def test_gguf_without_tokenizer_takes_only_token_ids(gpt2_file):
         llm.generate([5, 288], GREEDY)
 
 
+def test_packed_gpt2_refuses_a_float16_kv_cache(gpt2_file):
+    """Packed GPT-2 weights on CPU still run the torch layers (the fused ones are the Llama
+    family's): float16 K/V is refused by name, not attempted."""
+    from genfuse.runtime.engine import Engine
+
+    loaded = LLM(gpt2_file[0], device="cpu", backend="torch", keep_quantized=True).engine.loaded
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='float16' differs from the model's float32: only the fused"):
+        Engine(loaded, kv_cache_dtype="float16", num_kv_blocks=8)
+
+
 # --------------------------------------------------------------------------- 2. Llama, GQA
 
 
