@@ -122,8 +122,7 @@ class CpuDecoder {
         const py::array lens = arg_array(lens_, "seq_lens", 'i', 4, {B});
         const py::array qsl = arg_array(qsl_, "query_start_loc", 'i', 4, {B + 1});
         // float32 pools, or float16 ones (the engine's kv_cache_dtype="float16"), both alike
-        const bool half = py::isinstance<py::array>(k_) && py::reinterpret_borrow<py::array>(k_).dtype().kind() == 'f' &&
-                          py::reinterpret_borrow<py::array>(k_).itemsize() == 2;
+        const bool half = py::isinstance<py::array>(k_) && py::reinterpret_borrow<py::array>(k_).itemsize() == 2;
         py::array k = arg_array(k_, "k_pool", 'f', half ? 2 : 4, {L, -1, -1, Hkv, D}, true);
         py::array v = arg_array(v_, "v_pool", 'f', half ? 2 : 4, {L, k.shape(1), k.shape(2), Hkv, D}, true);
         const py::array cos = arg_array(cos_, "cos", 'f', 4, {-1, -1});
@@ -228,7 +227,8 @@ void register_cpu_layer(py::module_& m) {
              py::arg("last") = py::none(), py::arg("mlp_in") = false,
              "Layers [first, last) over one engine step, in place: h, mlp_out (N, hidden) float32; positions, "
              "slot_mapping (N,), block_table (B, W), seq_lens (B,), query_start_loc (B + 1,) int32; k_pool, "
-             "v_pool (layers, blocks, block_size, Hkv, D) float32 (or both float16); cos, sin (positions, rotary half) float32. "
+             "v_pool (layers, blocks, block_size, Hkv, D) float32 (or both float16); cos, sin (positions, "
+             "rotary half) float32. "
              "mlp_in: the first layer starts with h += mlp_out. path: a qdot path name (None: cpu_path()).");
     m.def("cpu_layer_isa", [](const py::object& path_) {
         const genfuse::CpuPath path =

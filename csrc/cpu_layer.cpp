@@ -279,14 +279,13 @@ void cpu_layers_forward(const CpuDims& dm, const std::vector<CpuLayer>& layers, 
                 }
             });
         };
+        const int64_t at = l * layer_stride;
         if (kv.half)
-            write_and_attend(static_cast<uint16_t*>(kv.k) + l * layer_stride, static_cast<uint16_t*>(kv.v) + l * layer_stride,
-                             kern.attend_rows_h, kern.store_row_h);
+            write_and_attend(static_cast<uint16_t*>(kv.k) + at, static_cast<uint16_t*>(kv.v) + at, kern.attend_rows_h,
+                             kern.store_row_h);
         else
-            write_and_attend(static_cast<float*>(kv.k) + l * layer_stride, static_cast<float*>(kv.v) + l * layer_stride,
-                             kern.attend_rows, [](const float* src, int64_t n, float* dst) {
-                                 std::memcpy(dst, src, sizeof(float) * n);
-                             });
+            write_and_attend(static_cast<float*>(kv.k) + at, static_cast<float*>(kv.v) + at, kern.attend_rows,
+                             [](const float* src, int64_t n, float* dst) { std::memcpy(dst, src, sizeof(float) * n); });
         matmul(lw.o, y, N, o, threads, path, act, kern);  // (N, hidden)
         kern.add_rows(o, lw.b_o, h, N, H);                // + b_o + h
         std::memcpy(h, o, sizeof(float) * N * H);

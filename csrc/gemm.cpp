@@ -18,7 +18,7 @@ namespace {
 
 // Weight rows a thread dequantizes at once (a multiple of the tile's 4): all of x passes each
 // panel, so x's traffic is M K floats per 2 M K kPanel flops; 64 rows of K <= 1536 (<= 384 KiB)
-// stay in L2 while it does. (16 rows left a 512-token step at 174 GF/s, from L3.)
+// stay in L2 while it does (16 rows left x streaming from L3: bench/README.md, session 6).
 constexpr int64_t kPanel = 64;
 
 // What one instruction set provides: the tile loop over a panel, and a weight row's dequantization.

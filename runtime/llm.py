@@ -12,8 +12,8 @@ caching, chunked prefill, preemption when the cache is full), so any number of p
 bounded memory, and each completion comes back in input order. ``LLM(..., **engine_args)``
 passes `EngineArgs` through (``block_size``, ``num_kv_blocks``/``kv_cache_memory``,
 ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_dtype``,
-``enable_prefix_caching``, ``enable_chunked_prefill``). A request runs to ``max_tokens`` or to ``max_model_len`` (then
-"length").
+``enable_prefix_caching``, ``enable_chunked_prefill``). A request runs to ``max_tokens`` or to
+``max_model_len`` (then "length").
 
 Ending: EOS ids (the config's and the tokenizer's, unless ``ignore_eos``) and ``stop_token_ids``
 end a sequence with finish_reason "stop"; the id is in ``token_ids`` but not in ``text``. A stop

@@ -57,7 +57,9 @@ def _vec(t):
 def _eligible(model, mode: str) -> bool:
     from .llama import Llama  # here: llama.py imports this module
 
-    if not isinstance(model, Llama) or model.tp is not None or model.device.type != "cpu" or model.dtype != torch.float32:
+    if not isinstance(model, Llama) or model.tp is not None:
+        return False
+    if model.device.type != "cpu" or model.dtype != torch.float32:
         return False
     if resolve_backend(model.backend, model.norm) != "torch":
         return False
