@@ -1,6 +1,7 @@
 """The serving engine under load: continuous batching, prefix caching, host overhead.
 
-    genfuse bench engine [--model smollm2-135m-instruct] [--only throughput,prefix,overhead]
+    genfuse bench engine [--model smollm2-135m-instruct | --shape llama-3.2-1b] [--dtype bf16]
+                         [--only throughput,prefix,overhead] [--cuda-graphs auto|on|off]
                          [--num-requests 64] [--prompt-tokens 16:512] [--output-tokens 16:256]
                          [--prefix-requests 32] [--prefix-tokens 400] [--threads N] [--seed 0]
                          [--json results.json]
@@ -17,7 +18,8 @@ seconds.
     sequence decodes until the longest one ends, finished ones keep computing): the same
     engine with every request's ``max_tokens`` raised to the longest, only each request's own
     tokens counted.
-  Goal: engine >= 2x one at a time.
+  Each run also splits its time between steps that only decode and steps that carry prompt
+  tokens (the prefill work every mode shares). Goal: engine >= 2x one at a time.
 
 ``prefix``: ``--prefix-requests`` requests sharing a ``--prefix-tokens`` system prompt plus
 16 tokens of their own, 8 new tokens each, submitted one after another; the median time to
@@ -26,6 +28,11 @@ first token of requests 2.. with prefix caching on and off. Goal: >= 5x lower wi
 ``overhead``: 64 sequences decoding together; host time per step (scheduler, block manager,
 input preparation, output processing) as a fraction of the whole step, median over 20 steps.
 Goal: < 5%.
+
+``--shape NAME`` runs a transformers Llama with random weights at a public checkpoint's shape
+(``genfuse bench generate``'s shapes: smollm2-135m, llama-3.2-1b, llama-3-8b), written to a
+temporary folder and loaded from it as a user's checkpoint, instead of ``--model``; the
+throughput on a GPU is judged at llama-3.2-1b in bf16.
 
 Single-request decode speed is ``genfuse bench generate --only model`` (`LLM` runs on this
 engine).
@@ -36,18 +43,32 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
+
+from .generate_bench import DTYPES, SHAPES, random_hf_model
+
+
+MODEL_DEFAULT = "smollm2-135m-instruct"
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="genfuse bench engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, HF folder or .gguf")
+    p.add_argument("--model", default=None, help=f"registry name, HF folder or .gguf (default {MODEL_DEFAULT})")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="random weights at this checkpoint's shape instead of --model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="the weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                   help="replay decode-only steps from CUDA graphs (EngineArgs cuda_graphs; auto: on for CUDA "
+                        "with the Triton ops)")
     p.add_argument("--only", default="throughput,prefix,overhead",
                    help="comma-separated parts: throughput, prefix, overhead")
     p.add_argument("--num-requests", type=int, default=64)
@@ -78,8 +99,9 @@ def _range(text: str, name: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _run(engine, reqs, *, max_tokens_override=None) -> tuple[float, int]:
-    """Add every request, step to the end; (seconds, useful generated tokens)."""
+def _run(engine, reqs, *, max_tokens_override=None) -> tuple[float, int, dict]:
+    """Add every request, step to the end; (seconds, useful generated tokens, where the steps'
+    time went: steps that only decode vs steps carrying prompt tokens)."""
     from genfuse.runtime.sampling import SamplingParams
 
     t0 = time.perf_counter()
@@ -88,14 +110,54 @@ def _run(engine, reqs, *, max_tokens_override=None) -> tuple[float, int]:
                                                           ignore_eos=True))
     useful = 0
     want = {str(i): n for i, (_, n) in enumerate(reqs)}
+    split = {k: {"steps": 0, "seconds": 0.0, "tokens": 0} for k in ("decode_only", "with_prompt")}
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        ts = time.perf_counter()
+        outs = engine.step()
+        st, part = engine.last_step, None
+        if st is not None and st.num_tokens:
+            part = split["decode_only" if st.num_tokens == st.num_seqs else "with_prompt"]
+            part["steps"] += 1
+            part["seconds"] += time.perf_counter() - ts
+            part["tokens"] += st.num_tokens
+        for out in outs:
             if out.finished:
                 useful += min(len(out.token_ids), want[out.request_id])
-    return time.perf_counter() - t0, useful
+    return time.perf_counter() - t0, useful, split
 
 
 MODES = ("engine", "one_at_a_time", "static_batch")
+
+
+def _engine(loaded, args, **kw):
+    from genfuse.runtime.engine import Engine
+
+    graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+    return Engine(loaded, kv_cache_dtype=args.kv_cache_dtype, cuda_graphs=graphs, **kw)
+
+
+def _load(args):
+    """The model under test: ``--model``, or random weights at ``--shape`` loaded from a
+    temporary checkpoint folder (removed once loaded)."""
+    from genfuse.runtime.resources import resolve_device
+    from genfuse.runtime.loader import load_model
+
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.shape is None:
+        return load_model(args.model or MODEL_DEFAULT, device=args.device, dtype=dtype)
+    device = resolve_device(args.device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    folder = tempfile.mkdtemp(prefix=f"genfuse_bench_engine_{args.shape}_")
+    try:
+        print(f"[shape] {args.shape}: random weights -> {folder}", file=sys.stderr, flush=True)
+        hf = random_hf_model(SHAPES[args.shape], dtype, device)
+        hf.save_pretrained(folder)
+        del hf
+        loaded = load_model(folder, device=device, dtype=dtype)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    loaded.name = args.shape
+    return loaded
 
 
 def _modes(args) -> list[str]:
@@ -108,8 +170,6 @@ def _modes(args) -> list[str]:
 
 
 def throughput(loaded, args, rng) -> dict:
-    from genfuse.runtime.engine import Engine
-
     plo, phi = _range(args.prompt_tokens, "--prompt-tokens")
     olo, ohi = _range(args.output_tokens, "--output-tokens")
     V = loaded.config.vocab_size
@@ -121,13 +181,15 @@ def throughput(loaded, args, rng) -> dict:
     runs = {"engine": ({}, None), "one_at_a_time": ({"max_num_seqs": 1}, None), "static_batch": ({}, longest)}
     for name in _modes(args):
         kw, override = runs[name]
-        engine = Engine(loaded, kv_cache_dtype=args.kv_cache_dtype, **kw)
+        engine = _engine(loaded, args, **kw)
         _run(engine, [(reqs[0][0][:16], 4)])  # warm-up
-        secs, useful = _run(engine, reqs, max_tokens_override=override)
+        secs, useful, split = _run(engine, reqs, max_tokens_override=override)
         res[name] = {"seconds": secs, "tokens": useful, "tokens_per_s": useful / secs,
-                     "preemptions": engine.stats.num_preemptions}
+                     "preemptions": engine.stats.num_preemptions, "steps": split}
+        d, p = split["decode_only"], split["with_prompt"]
         print(f"  {name:14s} {useful:6d} tokens in {secs:7.2f} s = {useful / secs:8.1f} tokens/s "
-              f"({engine.stats.num_preemptions} preemptions)", flush=True)
+              f"({engine.stats.num_preemptions} preemptions; {d['steps']} decode-only steps {d['seconds']:.1f} s, "
+              f"{p['steps']} with prompt tokens {p['seconds']:.1f} s)", flush=True)
     for other, goal in (("one_at_a_time", " (goal >= 2x)"), ("static_batch", "")):
         if "engine" in res and other in res:
             ratio = res[f"engine_vs_{other}"] = res["engine"]["tokens_per_s"] / res[other]["tokens_per_s"]
@@ -136,7 +198,6 @@ def throughput(loaded, args, rng) -> dict:
 
 
 def prefix(loaded, args, rng) -> dict:
-    from genfuse.runtime.engine import Engine
     from genfuse.runtime.sampling import SamplingParams
 
     V = loaded.config.vocab_size
@@ -144,7 +205,7 @@ def prefix(loaded, args, rng) -> dict:
     prompts = [system + [rng.randrange(V) for _ in range(16)] for _ in range(args.prefix_requests)]
     res = {"requests": len(prompts), "prefix_tokens": args.prefix_tokens}
     for caching in (True, False):
-        engine = Engine(loaded, enable_prefix_caching=caching, kv_cache_dtype=args.kv_cache_dtype)
+        engine = _engine(loaded, args, enable_prefix_caching=caching)
         ttfts = []
         for i, p in enumerate(prompts):
             t0 = time.perf_counter()
@@ -168,11 +229,10 @@ def prefix(loaded, args, rng) -> dict:
 
 
 def overhead(loaded, args, rng) -> dict:
-    from genfuse.runtime.engine import Engine
     from genfuse.runtime.sampling import SamplingParams
 
     V = loaded.config.vocab_size
-    engine = Engine(loaded, max_num_seqs=args.overhead_seqs, kv_cache_dtype=args.kv_cache_dtype)
+    engine = _engine(loaded, args, max_num_seqs=args.overhead_seqs)
     for i in range(args.overhead_seqs):
         engine.add_request(str(i), [rng.randrange(V) for _ in range(32)],
                            SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
@@ -204,10 +264,12 @@ def main(argv=None, args=None) -> int:
         print(f"genfuse bench engine: unknown part(s) {', '.join(bad)} (parts: {', '.join(PARTS)})", file=sys.stderr)
         return 2
     _modes(args)  # before the model loads
-    from genfuse.runtime.loader import load_model
+    if args.shape is not None and args.model is not None:
+        print("genfuse bench engine: --shape and --model name two models; give one", file=sys.stderr)
+        return 2
     from genfuse.runtime.threads import kernel_threads, set_threads
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = _load(args)
     if loaded.device.type == "cpu":
         # as LLM(threads=) does: with packed weights genfuse's kernels get the threads and torch's
         # intra-op pool one (two pools of N threads on N cores take the cores from each other)
@@ -216,13 +278,13 @@ def main(argv=None, args=None) -> int:
     machine = {"platform": platform.platform(), "processor": platform.processor(), "device": str(loaded.device),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(loaded.dtype),
                "kernel_threads": kernel_threads(), "kv_cache_dtype": args.kv_cache_dtype,
-               "keep_quantized": loaded.keep_quantized}
+               "keep_quantized": loaded.keep_quantized, "cuda_graphs": args.cuda_graphs}
     if loaded.device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(loaded.device)
     print(f"genfuse bench engine: {loaded.name} on {machine['device']} ({machine['dtype']}, genfuse kernels on "
           f"{machine['kernel_threads']} thread(s), torch on {machine['threads']}; kv_cache_dtype "
           f"{args.kv_cache_dtype})", flush=True)
-    results = {"model": loaded.name, "machine": machine}
+    results = {"benchmark": "engine", "model": loaded.name, "machine": machine}
     for name in parts:
         print(f"[{name}]", flush=True)
         results[name] = PARTS[name](loaded, args, random.Random(args.seed))

@@ -12,6 +12,8 @@
 #     bash bench/gpu_check.sh images [ARGS]    #   genfuse bench images; genfuse bench generate, one shape
 #     bash bench/gpu_check.sh generate SHAPE   #   (smollm2-135m, llama-3.2-1b, llama-3-8b); all = tests,
 #     bash bench/gpu_check.sh all              #   kernels, images
+#     bash bench/gpu_check.sh engine [SHAPE]   # genfuse bench engine at SHAPE (default llama-3.2-1b) in bf16,
+#                                              #   every part and mode, CUDA graphs on, then off
 #     GENFUSE_GPU_CHECK_DRY=1 bash bench/gpu_check.sh   # CPU: every phase skipped with a message, files written
 #
 # What comes back, flat in $OUT (default bench/results/local), each rewritten after every phase:
@@ -136,6 +138,8 @@ the_run() {
         --batches 1 --tokens 32 --repeats 2 --no-compile --json "$WORK/headline-decode.json"
     run_phase headline-dcgan 50 20 -- "$PY" -m genfuse bench images --only dcgan --batches 256 --no-compile \
         --json "$WORK/headline-dcgan.json"
+    run_phase headline-engine 150 60 -- "$PY" -m genfuse bench engine --shape llama-3.2-1b --dtype bf16 \
+        --modes engine,one_at_a_time --json "$WORK/headline-engine.json"
     # 3. whatever time is left: the wider sweeps, families without a headline first.
     run_phase sweep-vae 60 30 -- "$PY" -m genfuse bench images --only vae --no-compile \
         --json "$WORK/sweep-vae.json"
@@ -151,9 +155,9 @@ main() {
     local phase=${1:-run}
     [[ $# -gt 0 ]] && shift
     case "$phase" in
-        run|tests|kernels|images|generate|all) ;;
+        run|tests|kernels|images|generate|engine|all) ;;
         *) echo "gpu_check.sh: unknown phase $phase (none for the one run; tests, kernels, images," \
-                "generate SHAPE, all)" >&2
+                "generate SHAPE, engine [SHAPE], all)" >&2
            return 2 ;;
     esac
     if [[ "$phase" == generate && -z "${1:-}" ]]; then
@@ -191,6 +195,12 @@ main() {
         images) run_phase sweep-images $all 30 -- "${bench[@]}" images --json "$WORK/sweep-images.json" "$@" ;;
         generate) run_phase "generate-$1" $all 30 -- "${bench[@]}" generate --only shapes --shapes "$1" \
                       --json "$WORK/generate-$1.json" ;;
+        engine)
+            local shape=${1:-llama-3.2-1b} g
+            for g in on off; do
+                run_phase "engine-$shape-graphs-$g" $all 30 -- "${bench[@]}" engine --shape "$shape" --dtype bf16 \
+                    --cuda-graphs "$g" --json "$WORK/engine-$shape-graphs-$g.json"
+            done ;;
         all)
             run_phase tests-all $all 30 -- pytest_phase tests-all 0 tests/kernels tests/test_backend.py
             run_phase tests-gpu $all 30 -- pytest_phase tests-gpu 0 "${gpu_tests[@]}"

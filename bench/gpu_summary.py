@@ -45,6 +45,7 @@ DCGAN_BATCH = 256
 EAGER_BEST = "torch eager (best)"
 KERNEL_PHASE, DECODE_PHASE, DCGAN_PHASE, VAE_PHASE = ("headline-kernels", "headline-decode",
                                                       "headline-dcgan", "sweep-vae")
+ENGINE_PHASE = "headline-engine"  # genfuse bench engine --shape GENERATE_SHAPE, bf16
 
 
 # --------------------------------------------------------------------------------------
@@ -272,6 +273,43 @@ def generate_rows(outputs: Dict[str, Any], phases: List[Dict[str, Any]]) -> List
     return rows
 
 
+def engine_rows(outputs: Dict[str, Any], phases: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The serving engine's three goals (bench/engine_bench.py) at GENERATE_SHAPE."""
+    area, case = "serving engine", f"{GENERATE_SHAPE} bf16"
+    goals = (("throughput", "engine / one at a time", ">= 2x"), ("prefix", "prefix caching TTFT off / on", ">= 5x"),
+             ("overhead", "host time of a 64-sequence step", "< 5%"))
+    # the one run's phase first, then the named phase's (graphs on before off)
+    found = [(n, o) for n, o in sorted(outputs.items(), key=lambda kv: (kv[0] != ENGINE_PHASE, "graphs-off" in kv[0],
+                                                                          kv[0]))
+             if isinstance(o, dict) and o.get("benchmark") == "engine" and o.get("model") == GENERATE_SHAPE]
+    if not found:
+        return [_not_run(area, f"{case}: {what}", target, why_not(phases, ENGINE_PHASE)) for _, what, target in goals]
+    src, o = found[0]
+    graphs = o.get("machine", {}).get("cuda_graphs", "auto")
+    rows = []
+    for part, what, target in goals:
+        r = o.get(part)
+        name = f"{case}: {what}"
+        if not isinstance(r, dict):
+            rows.append(_not_run(area, name, target, f"{src}: no {part} part"))
+        elif part == "throughput" and "engine_vs_one_at_a_time" in r:
+            ratio = r["engine_vs_one_at_a_time"]
+            rows.append(_row(area, name, f"{r['engine']['tokens_per_s']:.0f} / {r['one_at_a_time']['tokens_per_s']:.0f}"
+                             " tokens/s", target, f"{ratio:.2f}x", _judge(ratio >= 2.0), src, f"cuda graphs {graphs}"))
+        elif part == "prefix" and "ttft_ratio_off_over_on" in r:
+            ratio = r["ttft_ratio_off_over_on"]
+            rows.append(_row(area, name, f"{1e3 * r['caching_off']['ttft_median_s']:.1f} / "
+                             f"{1e3 * r['caching_on']['ttft_median_s']:.1f} ms", target, f"{ratio:.1f}x",
+                             _judge(ratio >= 5.0), src))
+        elif part == "overhead" and "host_fraction_median" in r:
+            frac = r["host_fraction_median"]
+            rows.append(_row(area, name, f"{100 * frac:.2f}% of {1e3 * r['step_median_s']:.1f} ms", target,
+                             f"{100 * frac:.2f}%", _judge(frac < 0.05), src, f"cuda graphs {graphs}"))
+        else:
+            rows.append(_not_run(area, name, target, f"{src}: the {part} part has no ratio"))
+    return rows
+
+
 def _image_result(outputs: Dict[str, Any], model: str, batch: int, prefer: str):
     for n in sorted(outputs, key=lambda n: (n != prefer, n)):
         o = outputs[n]
@@ -307,7 +345,7 @@ def image_rows(outputs: Dict[str, Any], phases: List[Dict[str, Any]]) -> List[Di
 
 def target_rows(work: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
-    for build in (kernel_rows, generate_rows, image_rows):
+    for build in (kernel_rows, generate_rows, engine_rows, image_rows):
         try:
             rows += build(work["outputs"], work["phases"])
         except Exception as exc:  # noqa: BLE001 - an unexpected file layout must not cost the summary

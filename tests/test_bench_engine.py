@@ -32,6 +32,11 @@ def test_engine_bench_reports_every_part(tmp_path):
     assert set(t) >= {"engine", "one_at_a_time", "engine_vs_one_at_a_time"} and "static_batch" not in t
     # every request's own tokens are counted, no more
     assert t["engine"]["tokens"] == t["one_at_a_time"]["tokens"] == t["output_tokens"]
+    for mode in ("engine", "one_at_a_time"):  # the prompts ran in steps of their own kind
+        steps = t[mode]["steps"]
+        assert steps["with_prompt"]["steps"] > 0 and steps["decode_only"]["steps"] > 0
+        assert steps["decode_only"]["tokens"] < t["output_tokens"]  # each request's first token comes with its prompt
+        assert 0 < steps["decode_only"]["seconds"] + steps["with_prompt"]["seconds"] <= t[mode]["seconds"]
     assert r["prefix"]["caching_on"]["cached_prompt_tokens"] > 0 == r["prefix"]["caching_off"]["cached_prompt_tokens"]
     assert 0 < r["overhead"]["host_fraction_median"] < 1
 
@@ -39,3 +44,37 @@ def test_engine_bench_reports_every_part(tmp_path):
 def test_engine_bench_refuses_an_unknown_mode_before_loading():
     with pytest.raises(SystemExit, match="unknown --modes fast"):
         cli_main(["bench", "engine", "--model", "/no/such/model", "--modes", "engine,fast"])
+
+
+TINY_SHAPE = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+def test_engine_bench_runs_random_weights_at_a_shape(tmp_path, monkeypatch, capsys):
+    """--shape: a transformers Llama with random weights at the shape, saved and loaded back as a
+    checkpoint (the folder removed after), in --dtype; the JSON names the shape and the graphs
+    setting (bench/gpu_summary.py reads both)."""
+    from genfuse.bench import engine_bench
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU runtime's torch ops
+    monkeypatch.setitem(engine_bench.SHAPES, "tiny", TINY_SHAPE)
+    monkeypatch.setattr(engine_bench.tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "engine.json"
+    assert engine_bench.main(["--shape", "tiny", "--dtype", "bf16", "--device", "cpu", "--only", "throughput,overhead",
+                              "--num-requests", "3", "--prompt-tokens", "4:12", "--output-tokens", "2:4",
+                              "--overhead-seqs", "2", "--modes", "engine,one_at_a_time", "--cuda-graphs", "off",
+                              "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "engine" and r["model"] == "tiny"
+    assert r["machine"]["dtype"] == "torch.bfloat16" and r["machine"]["cuda_graphs"] == "off"
+    assert r["throughput"]["engine"]["tokens"] == r["throughput"]["output_tokens"]
+    assert not list(tmp_path.glob("genfuse_bench_engine_*"))  # the checkpoint folder is gone
+    assert "random weights" in capsys.readouterr().err
+
+
+def test_engine_bench_refuses_a_shape_and_a_model(capsys):
+    from genfuse.bench import engine_bench
+
+    assert engine_bench.main(["--shape", "smollm2-135m", "--model", "/some/folder"]) == 2
+    assert "--shape and --model name two models" in capsys.readouterr().err

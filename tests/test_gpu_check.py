@@ -58,16 +58,16 @@ def test_dry_run_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     phases = [p["phase"] for p in results["phases"]]
     assert phases == ["install", "tests-kernels", "tests-runtime", "headline-kernels", "headline-decode",
-                      "headline-dcgan", "sweep-vae", "sweep-kernels", "sweep-tests", "sweep-images"]
+                      "headline-dcgan", "headline-engine", "sweep-vae", "sweep-kernels", "sweep-tests", "sweep-images"]
     assert all(p["status"] == "skipped" and "dry run" in p["note"] for p in results["phases"])
     assert results["check"]["dry"] and results["check"]["autotune"] == "quick"
     rows = results["targets"]
-    assert len(rows) == 18 and all(r["status"] == "not run" and "dry run" in r["note"] for r in rows)
+    assert len(rows) == 21 and all(r["status"] == "not run" and "dry run" in r["note"] for r in rows)
     summary = (out / "summary.md").read_text()
     assert "dry run" in summary.splitlines()[0]
-    assert summary.count("| not run |") == 18
-    for area in ("attention fwd", "linear", "decode attention", "norm", "batch-1 decode", "DCGAN faces",
-                 "VAE decode"):
+    assert summary.count("| not run |") == 21
+    for area in ("attention fwd", "linear", "decode attention", "norm", "batch-1 decode", "serving engine",
+                 "DCGAN faces", "VAE decode"):
         assert f"| {area} |" in summary
     log = (out / "gpu_check.log").read_text()
     assert log.count("skipped (dry run, no CUDA)") == len(phases)
@@ -92,6 +92,10 @@ def test_named_phases_and_bad_arguments(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [p["phase"] for p in json.loads((out / "results.json").read_text())["phases"]] == \
         ["install", "generate-llama-3.2-1b"]
+    proc, out, _ = _dry_run(tmp_path, "engine")
+    assert proc.returncode == 0, proc.stderr
+    assert [p["phase"] for p in json.loads((out / "results.json").read_text())["phases"]] == \
+        ["install", "engine-llama-3.2-1b-graphs-on", "engine-llama-3.2-1b-graphs-off"]
     proc, _, _ = _dry_run(tmp_path, "generate")
     assert proc.returncode == 2 and "needs a shape" in proc.stderr
     proc, _, _ = _dry_run(tmp_path, "bogus")
@@ -189,6 +193,11 @@ def test_merge_judges_each_target(tmp_path):
                   "torch eager (best)": {"ms": 0.5, "variant": "torch eager channels-last"}},
         "speedup": {"torch eager (best)": 2.5}}]}
     _write(work / "headline-dcgan.json", images)
+    engine = {"benchmark": "engine", "model": "llama-3.2-1b", "machine": {"cuda_graphs": "auto"},
+              "throughput": {"engine": {"tokens_per_s": 5000.0}, "one_at_a_time": {"tokens_per_s": 2000.0},
+                             "engine_vs_one_at_a_time": 2.5},
+              "overhead": {"host_fraction_median": 0.08, "step_median_s": 0.004}}  # no prefix part
+    _write(work / "headline-engine.json", engine)
     (work / "tests-kernels.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"event": "collected", "count": 5, "sampled_out": 7},
         {"event": "result", "nodeid": "tests/kernels/test_a.py::test_x[1]", "outcome": "passed"},
@@ -216,6 +225,11 @@ def test_merge_judges_each_target(tmp_path):
     assert floor["status"] == "pass" and floor["ratio"].startswith("1.22x floor")
     assert rows[("batch-1 decode", "llama-3.2-1b bf16 vs transformers")]["status"] == "short"
     assert rows[("DCGAN faces", "batch 256")]["status"] == "pass"
+    eng = rows[("serving engine", "llama-3.2-1b bf16: engine / one at a time")]
+    assert eng["status"] == "pass" and eng["ratio"] == "2.50x" and eng["measured"] == "5000 / 2000 tokens/s"
+    over = rows[("serving engine", "llama-3.2-1b bf16: host time of a 64-sequence step")]
+    assert over["status"] == "short" and over["measured"] == "8.00% of 4.0 ms"
+    assert rows[("serving engine", "llama-3.2-1b bf16: prefix caching TTFT off / on")]["status"] == "not run"
     vae = rows[("VAE decode", "SD 1.5, 64x64 -> 512x512")]
     assert vae["status"] == "not run" and vae["note"] == "sweep-vae timed out: stopped after 60 s"
 
