@@ -14,6 +14,8 @@
 #     bash bench/gpu_check.sh all              #   kernels, images
 #     bash bench/gpu_check.sh engine [SHAPE]   # genfuse bench engine at SHAPE (default llama-3.2-1b) in bf16,
 #                                              #   every part and mode, CUDA graphs on, then off
+#     bash bench/gpu_check.sh tp [SHAPE]       # tensor-parallel decode at SHAPE (default llama-3-8b) in bf16
+#                                              #   at N = 1, 2, 4 as far as the machine's GPUs go
 #     GENFUSE_GPU_CHECK_DRY=1 bash bench/gpu_check.sh   # CPU: every phase skipped with a message, files written
 #
 # What comes back, flat in $OUT (default bench/results/local), each rewritten after every phase:
@@ -155,9 +157,9 @@ main() {
     local phase=${1:-run}
     [[ $# -gt 0 ]] && shift
     case "$phase" in
-        run|tests|kernels|images|generate|engine|all) ;;
+        run|tests|kernels|images|generate|engine|tp|all) ;;
         *) echo "gpu_check.sh: unknown phase $phase (none for the one run; tests, kernels, images," \
-                "generate SHAPE, engine [SHAPE], all)" >&2
+                "generate SHAPE, engine [SHAPE], tp [SHAPE], all)" >&2
            return 2 ;;
     esac
     if [[ "$phase" == generate && -z "${1:-}" ]]; then
@@ -201,6 +203,14 @@ main() {
                 run_phase "engine-$shape-graphs-$g" $all 30 -- "${bench[@]}" engine --shape "$shape" --dtype bf16 \
                     --cuda-graphs "$g" --json "$WORK/engine-$shape-graphs-$g.json"
             done ;;
+        tp)
+            local shape=${1:-llama-3-8b} gpus worlds=1
+            gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+            (( gpus >= 2 )) && worlds+=,2
+            (( gpus >= 4 )) && worlds+=,4
+            say "tp: ${gpus:-0} GPU(s) here, so N = $worlds"
+            run_phase "tp-$shape" $all 30 -- "$PY" -m genfuse.bench.tp_bench --device cuda --shape "$shape" \
+                --dtype bf16 --worlds "$worlds" --json "$WORK/tp-$shape.json" ;;
         all)
             run_phase tests-all $all 30 -- pytest_phase tests-all 0 tests/kernels tests/test_backend.py
             run_phase tests-gpu $all 30 -- pytest_phase tests-gpu 0 "${gpu_tests[@]}"

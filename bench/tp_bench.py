@@ -1,6 +1,7 @@
-"""Tensor parallelism on CPU (gloo): what the collectives cost and what N ranks do to decode.
+"""Tensor parallelism: what the collectives cost (CPU, gloo) and what N ranks do to decode.
 
-    python -m genfuse.bench.tp_bench [--model smollm2-135m-instruct] [--worlds 1,3] [--tokens 32]
+    python -m genfuse.bench.tp_bench [--model smollm2-135m-instruct | --shape llama-3-8b]
+                                     [--device cpu|cuda] [--dtype bf16] [--worlds 1,3] [--tokens 32]
                                      [--repeats 3] [--json results.json]
 
 Two parts, on real gloo process groups over 127.0.0.1:
@@ -15,19 +16,35 @@ ignored, a 13-token prompt, ``--tokens`` new tokens, one torch thread per rank),
 median of ``--repeats`` runs after a warm-up, for each N of ``--worlds``. The world sizes must
 split the model (SmolLM2: 9 query / 3 KV heads, so 1 or 3). On a 2-core machine N > 1 cannot be
 faster: the ranks share the cores and every layer adds two round trips through the loopback.
+
+``--device cuda``: the decode part on GPUs (NCCL between ranks, one GPU a rank; N larger than
+the GPUs there is refused before anything starts), the collectives part skipped (it times
+gloo). ``--shape NAME`` decodes random weights at a public checkpoint's shape (`genfuse bench
+generate`'s shapes), written once to a temporary checkpoint folder that every rank loads its
+shard from; gpt-fast's TP scaling is quoted at llama-3-8b.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+
+from .generate_bench import DTYPES, SHAPES, random_hf_model
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="python -m genfuse.bench.tp_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, HF folder or .gguf")
+    p.add_argument("--model", default=None, help="registry name, HF folder or .gguf (default smollm2-135m-instruct)")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="random weights at this checkpoint's shape instead of --model")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="the weights' dtype (default: bf16 on CUDA, fp32 on CPU; gloo cannot all-reduce bf16)")
     p.add_argument("--worlds", default="1,3", help="comma-separated tensor_parallel_size values")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--repeats", type=int, default=3)
@@ -61,27 +78,76 @@ def main(argv=None) -> int:
     import torch
 
     from genfuse.runtime.config import load_config
-    from genfuse.runtime.distributed import check_tensor_parallel, run_ranks
-    from genfuse.runtime.engine import Engine
+    from genfuse.runtime.distributed import check_tensor_parallel
+
+    if args.shape is not None and args.model is not None:
+        print("tp_bench: --shape and --model name two models; give one", file=sys.stderr)
+        return 2
+    try:
+        worlds = [int(w) for w in args.worlds.split(",")]
+    except ValueError:
+        print(f"tp_bench: --worlds takes comma-separated integers, got {args.worlds!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        have = torch.cuda.device_count()
+        if max(worlds) > have:
+            print(f"tp_bench: N={max(worlds)} needs {max(worlds)} CUDA devices, one a rank; this machine has {have}",
+                  file=sys.stderr)
+            return 2
+    else:
+        torch.set_num_threads(1)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    folder = None
+    try:
+        if args.shape is not None:
+            folder = tempfile.mkdtemp(prefix=f"genfuse_tp_bench_{args.shape}_")
+            print(f"[shape] {args.shape}: random weights -> {folder}", file=sys.stderr, flush=True)
+            hf = random_hf_model(SHAPES[args.shape], dtype, args.device)
+            hf.save_pretrained(folder)
+            del hf  # the ranks load their shards from the folder
+        model = folder or args.model or "smollm2-135m-instruct"
+        config = load_config(_path(model))
+        try:
+            for w in worlds:
+                check_tensor_parallel(config, w)
+        except ValueError as e:
+            print(f"tp_bench: {e}", file=sys.stderr)
+            return 2
+        return _bench(args, model, config, worlds, dtype)
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _path(model):
     from genfuse.runtime.registry import resolve
+
+    return resolve(model).path
+
+
+def _bench(args, model, config, worlds, dtype) -> int:
+    import torch
+
+    from genfuse.runtime.distributed import run_ranks
+    from genfuse.runtime.engine import Engine
     from genfuse.runtime.sampling import SamplingParams
 
-    torch.set_num_threads(1)
-    worlds = [int(w) for w in args.worlds.split(",")]
-    config = load_config(resolve(args.model).path)
+    name = args.shape or args.model or "smollm2-135m-instruct"
+    res = {"model": name, "device": args.device, "dtype": str(dtype).replace("torch.", ""), "worlds": worlds,
+           "tokens": args.tokens, "collectives": {}, "decode": {}}
+    if args.device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(0)
+        print("  collectives: timed on CPU (gloo) only; skipped on cuda", flush=True)
     for w in worlds:
-        check_tensor_parallel(config, w)
-    res = {"model": args.model, "worlds": worlds, "tokens": args.tokens, "collectives": {}, "decode": {}}
-    for w in worlds:
-        if w > 1:
+        if w > 1 and args.device == "cpu":
             res["collectives"][w] = run_ranks(_collective_rank, w, config.hidden_size, config.vocab_size // w, 200,
                                               timeout=300, collective_timeout_s=120)[0]
             print(f"  N={w} collectives (rank 0 medians, us): " + ", ".join(
                 f"{k[:-3]} {v:.0f}" for k, v in res["collectives"][w].items()), flush=True)
-    prompt = list(range(100, 113))
+    prompt = [(100 + i) % config.vocab_size for i in range(13)]
     params = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
     for w in worlds:
-        engine = Engine(args.model, device="cpu", tensor_parallel_size=w)
+        engine = Engine(model, device=args.device, dtype=dtype, tensor_parallel_size=w)
         try:
             runs = []
             for r in range(args.repeats + 1):

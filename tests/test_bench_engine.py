@@ -57,7 +57,6 @@ def test_engine_bench_runs_random_weights_at_a_shape(tmp_path, monkeypatch, caps
     setting (bench/gpu_summary.py reads both)."""
     from genfuse.bench import engine_bench
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU runtime's torch ops
     monkeypatch.setitem(engine_bench.SHAPES, "tiny", TINY_SHAPE)
     monkeypatch.setattr(engine_bench.tempfile, "tempdir", str(tmp_path))
     out = tmp_path / "engine.json"

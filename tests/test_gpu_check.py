@@ -96,6 +96,10 @@ def test_named_phases_and_bad_arguments(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [p["phase"] for p in json.loads((out / "results.json").read_text())["phases"]] == \
         ["install", "engine-llama-3.2-1b-graphs-on", "engine-llama-3.2-1b-graphs-off"]
+    proc, out, _ = _dry_run(tmp_path, "tp")
+    assert proc.returncode == 0, proc.stderr
+    assert [p["phase"] for p in json.loads((out / "results.json").read_text())["phases"]] == ["install", "tp-llama-3-8b"]
+    assert "tp: 0 GPU(s) here, so N = 1" in proc.stdout
     proc, _, _ = _dry_run(tmp_path, "generate")
     assert proc.returncode == 2 and "needs a shape" in proc.stderr
     proc, _, _ = _dry_run(tmp_path, "bogus")
