@@ -114,7 +114,7 @@ def _run(engine, reqs, *, max_tokens_override=None) -> tuple[float, int, dict]:
     while engine.has_unfinished_requests():
         ts = time.perf_counter()
         outs = engine.step()
-        st, part = engine.last_step, None
+        st = engine.last_step
         if st is not None and st.num_tokens:
             part = split["decode_only" if st.num_tokens == st.num_seqs else "with_prompt"]
             part["steps"] += 1
