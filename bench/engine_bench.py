@@ -43,24 +43,21 @@ import argparse
 import json
 import platform
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
-from .generate_bench import DTYPES, SHAPES, random_hf_model
+from genfuse.runtime.registry import DEFAULT_MODEL
 
-
-MODEL_DEFAULT = "smollm2-135m-instruct"
+from .generate_bench import DTYPES, SHAPES, random_checkpoint
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="genfuse bench engine", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=f"registry name, HF folder or .gguf (default {MODEL_DEFAULT})")
+    p.add_argument("--model", default=None, help=f"registry name, HF folder or .gguf (default {DEFAULT_MODEL})")
     p.add_argument("--shape", default=None, choices=sorted(SHAPES),
                    help="random weights at this checkpoint's shape instead of --model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -139,23 +136,16 @@ def _engine(loaded, args, **kw):
 def _load(args):
     """The model under test: ``--model``, or random weights at ``--shape`` loaded from a
     temporary checkpoint folder (removed once loaded)."""
+    from genfuse.runtime.loader import default_dtype, load_model
     from genfuse.runtime.resources import resolve_device
-    from genfuse.runtime.loader import load_model
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.shape is None:
-        return load_model(args.model or MODEL_DEFAULT, device=args.device, dtype=dtype)
+        return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=dtype)
     device = resolve_device(args.device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    folder = tempfile.mkdtemp(prefix=f"genfuse_bench_engine_{args.shape}_")
-    try:
-        print(f"[shape] {args.shape}: random weights -> {folder}", file=sys.stderr, flush=True)
-        hf = random_hf_model(SHAPES[args.shape], dtype, device)
-        hf.save_pretrained(folder)
-        del hf
+    dtype = dtype or default_dtype(device)
+    with random_checkpoint(args.shape, dtype, device) as folder:
         loaded = load_model(folder, device=device, dtype=dtype)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     loaded.name = args.shape
     return loaded
 

@@ -51,6 +51,7 @@ Python of 30 layers (~12 ms).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -385,6 +386,19 @@ def random_hf_model(shape: dict[str, Any], dtype: torch.dtype, device: str | tor
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+@contextlib.contextmanager
+def random_checkpoint(name: str, dtype: torch.dtype, device: str | torch.device):
+    """A temporary checkpoint folder (config.json + safetensors, as a user's) holding
+    `random_hf_model`'s weights at ``SHAPES[name]``; removed when the block ends."""
+    folder = tempfile.mkdtemp(prefix=f"genfuse_bench_{name}_")
+    try:
+        print(f"[shape] {name}: random weights -> {folder}", file=sys.stderr, flush=True)
+        random_hf_model(SHAPES[name], dtype, device).save_pretrained(folder)  # the model itself is dropped
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def random_weight_pair(shape: dict[str, Any], dtype: torch.dtype, device: str, folder: str | os.PathLike,

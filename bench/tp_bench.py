@@ -26,20 +26,21 @@ shard from; gpt-fast's TP scaling is quoted at llama-3-8b.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-from .generate_bench import DTYPES, SHAPES, random_hf_model
+from genfuse.runtime.registry import DEFAULT_MODEL
+
+from .generate_bench import DTYPES, SHAPES, random_checkpoint
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="python -m genfuse.bench.tp_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="registry name, HF folder or .gguf (default smollm2-135m-instruct)")
+    p.add_argument("--model", default=None, help=f"registry name, HF folder or .gguf (default {DEFAULT_MODEL})")
     p.add_argument("--shape", default=None, choices=sorted(SHAPES),
                    help="random weights at this checkpoint's shape instead of --model")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
 
     from genfuse.runtime.config import load_config
     from genfuse.runtime.distributed import check_tensor_parallel
+    from genfuse.runtime.loader import default_dtype
+    from genfuse.runtime.registry import resolve
 
     if args.shape is not None and args.model is not None:
         print("tp_bench: --shape and --model name two models; give one", file=sys.stderr)
@@ -96,17 +99,11 @@ def main(argv=None) -> int:
             return 2
     else:
         torch.set_num_threads(1)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    folder = None
-    try:
-        if args.shape is not None:
-            folder = tempfile.mkdtemp(prefix=f"genfuse_tp_bench_{args.shape}_")
-            print(f"[shape] {args.shape}: random weights -> {folder}", file=sys.stderr, flush=True)
-            hf = random_hf_model(SHAPES[args.shape], dtype, args.device)
-            hf.save_pretrained(folder)
-            del hf  # the ranks load their shards from the folder
-        model = folder or args.model or "smollm2-135m-instruct"
-        config = load_config(_path(model))
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(torch.device(args.device))
+    with contextlib.ExitStack() as stack:  # the ranks load their shards from the checkpoint folder
+        model = (stack.enter_context(random_checkpoint(args.shape, dtype, args.device)) if args.shape
+                 else args.model or DEFAULT_MODEL)
+        config = load_config(resolve(model).path)
         try:
             for w in worlds:
                 check_tensor_parallel(config, w)
@@ -114,15 +111,6 @@ def main(argv=None) -> int:
             print(f"tp_bench: {e}", file=sys.stderr)
             return 2
         return _bench(args, model, config, worlds, dtype)
-    finally:
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _path(model):
-    from genfuse.runtime.registry import resolve
-
-    return resolve(model).path
 
 
 def _bench(args, model, config, worlds, dtype) -> int:
@@ -132,7 +120,7 @@ def _bench(args, model, config, worlds, dtype) -> int:
     from genfuse.runtime.engine import Engine
     from genfuse.runtime.sampling import SamplingParams
 
-    name = args.shape or args.model or "smollm2-135m-instruct"
+    name = args.shape or args.model or DEFAULT_MODEL
     res = {"model": name, "device": args.device, "dtype": str(dtype).replace("torch.", ""), "worlds": worlds,
            "tokens": args.tokens, "collectives": {}, "decode": {}}
     if args.device == "cuda":

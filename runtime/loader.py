@@ -37,6 +37,11 @@ class LoadedModel:
     keep_quantized: bool
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a model loads in when none is given: bf16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: torch.dtype | None = None,
                backend: str | None = None, keep_quantized: bool | None = None,
                tensor_parallel: tuple[int, int] | None = None) -> LoadedModel:
@@ -48,7 +53,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, device=None, dtype: 
     resolved = resolve(model)
     dev = resolve_device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dtype = default_dtype(dev)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype!r}")
     config = load_config(resolved.path)

@@ -5,12 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "runtime"))
-from llm_helpers import tiny_chat_folder  # noqa: E402
+from llm_helpers import TINY_LLAMA_SHAPE, tiny_chat_folder  # noqa: E402
 
 from genfuse.cli import main as cli_main  # noqa: E402
 
@@ -46,19 +47,14 @@ def test_engine_bench_refuses_an_unknown_mode_before_loading():
         cli_main(["bench", "engine", "--model", "/no/such/model", "--modes", "engine,fast"])
 
 
-TINY_SHAPE = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "max_position_embeddings": 512, "tie_word_embeddings": True}
-
-
 def test_engine_bench_runs_random_weights_at_a_shape(tmp_path, monkeypatch, capsys):
     """--shape: a transformers Llama with random weights at the shape, saved and loaded back as a
     checkpoint (the folder removed after), in --dtype; the JSON names the shape and the graphs
     setting (bench/gpu_summary.py reads both)."""
     from genfuse.bench import engine_bench
 
-    monkeypatch.setitem(engine_bench.SHAPES, "tiny", TINY_SHAPE)
-    monkeypatch.setattr(engine_bench.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setitem(engine_bench.SHAPES, "tiny", TINY_LLAMA_SHAPE)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the checkpoint goes
     out = tmp_path / "engine.json"
     assert engine_bench.main(["--shape", "tiny", "--dtype", "bf16", "--device", "cpu", "--only", "throughput,overhead",
                               "--num-requests", "3", "--prompt-tokens", "4:12", "--output-tokens", "2:4",
@@ -68,7 +64,7 @@ def test_engine_bench_runs_random_weights_at_a_shape(tmp_path, monkeypatch, caps
     assert r["benchmark"] == "engine" and r["model"] == "tiny"
     assert r["machine"]["dtype"] == "torch.bfloat16" and r["machine"]["cuda_graphs"] == "off"
     assert r["throughput"]["engine"]["tokens"] == r["throughput"]["output_tokens"]
-    assert not list(tmp_path.glob("genfuse_bench_engine_*"))  # the checkpoint folder is gone
+    assert not list(tmp_path.glob("genfuse_bench_*"))  # the checkpoint folder is gone
     assert "random weights" in capsys.readouterr().err
 
 

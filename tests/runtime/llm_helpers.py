@@ -17,6 +17,12 @@ import torch
 from loader_helpers import smollm_gguf, tiny_hf_model
 
 
+# A LlamaConfig small enough for a benchmark's --shape in a test (GQA: 4 query / 2 KV heads).
+TINY_LLAMA_SHAPE = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+                    "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
 @contextlib.contextmanager
 def one_thread():
     before = torch.get_num_threads()
